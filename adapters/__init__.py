@@ -1,0 +1,6 @@
+"""One file per model family; importing this package registers every adapter with the core.
+
+Installed as ``hooked_vlm.adapters`` (see pyproject.toml), so nothing named ``adapters`` lands at top level.
+"""
+
+from hooked_vlm.adapters import clip  # noqa: F401

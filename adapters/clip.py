@@ -1,0 +1,177 @@
+"""Hugging Face CLIP: ``CLIPModel``, ``CLIPVisionModel`` and ``CLIPVisionModelWithProjection``.
+
+Module tree (transformers 5.x; ``CLIPVisionModel`` is flattened, so its paths have no ``vision_model.`` prefix)::
+
+    vision_model.embeddings            CLS + patch embedding + learned positions   → vision.hook_embed
+    vision_model.pre_layrnorm          (sic)                                        → vision.ln_pre.hook_normalized
+    vision_model.encoder.layers.{i}    layer_norm1, self_attn{q,k,v,out}_proj, layer_norm2, mlp{fc1, fc2}
+    vision_model.post_layernorm        applied to the CLS token only                → vision.hook_out  [batch, d]
+    visual_projection                  Linear(d_vision → d_proj, no bias)           → hook_image_embeds
+    text_model.{embeddings, encoder.layers.{i}, final_layer_norm}, text_projection → text.*, hook_text_embeds
+
+Attention scores and pattern come from the registered capture function (``hooked_vlm.attention``), so a
+pattern request switches only that layer away from sdpa, for that run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
+
+from hooked_vlm.adapter import Adapter, BlockPaths, Prepared, TowerInfo, block_hooks, register_adapter
+from hooked_vlm.inputs import check_type, is_processor_output, load_images, pixel_tensor, to_model
+from hooked_vlm.layout import InputLayout, grid_tower, text_tower
+from hooked_vlm.taps import OutputTap, Tap
+
+CLIP_BLOCK = BlockPaths(ln1="layer_norm1", attn="self_attn", ln2="layer_norm2", mlp="mlp")
+
+_CLASSES = {cls.__name__: cls for cls in (CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection)}
+
+
+@register_adapter
+class CLIPAdapter(Adapter):
+    family = "clip"
+
+    @classmethod
+    def matches_model(cls, model) -> bool:
+        return type(model) in _CLASSES.values()
+
+    @classmethod
+    def matches_config(cls, config) -> bool:
+        return getattr(config, "model_type", None) in ("clip", "clip_vision_model")
+
+    @classmethod
+    def load(cls, name, *, device, dtype, attn_implementation, model_class: str | type = "CLIPModel", **hf_kwargs):
+        """``model_class`` picks ``CLIPModel`` (default), ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection``."""
+        from transformers import AutoProcessor
+
+        model_class = _CLASSES[model_class] if isinstance(model_class, str) else model_class
+        if attn_implementation is not None:
+            hf_kwargs["attn_implementation"] = attn_implementation
+        model = model_class.from_pretrained(name, dtype=dtype, **hf_kwargs)
+        if "device_map" not in hf_kwargs:
+            model = model.to(device)
+        return model.eval(), AutoProcessor.from_pretrained(name)
+
+    # ---- structure --------------------------------------------------------------------------------------------------
+    @property
+    def _vision_root(self) -> str:
+        return "" if isinstance(self.model, CLIPVisionModel) else "vision_model."
+
+    @property
+    def _vision_config(self):
+        config = self.model.config
+        return getattr(config, "vision_config", config)
+
+    def towers(self) -> list[TowerInfo]:
+        towers = []
+        configs = [("vision", self._vision_config)]
+        if isinstance(self.model, CLIPModel):
+            configs.append(("text", self.model.config.text_config))
+        for name, config in configs:
+            d_head = config.hidden_size // config.num_attention_heads
+            towers.append(
+                TowerInfo(
+                    name=name,
+                    n_layers=config.num_hidden_layers,
+                    d_model=config.hidden_size,
+                    n_heads=config.num_attention_heads,
+                    d_head=d_head,
+                    d_mlp=config.intermediate_size,
+                )
+            )
+        return towers
+
+    def hook_map(self) -> dict[str, Tap]:
+        v = self._vision_root
+        info = {t.name: t for t in self.towers()}
+        hooks: dict[str, Tap] = {
+            "vision.hook_embed": OutputTap(f"{v}embeddings"),
+            "vision.ln_pre.hook_normalized": OutputTap(f"{v}pre_layrnorm"),
+        }
+        for i in range(info["vision"].n_layers):
+            hooks |= block_hooks(f"vision.blocks.{i}", f"{v}encoder.layers.{i}", CLIP_BLOCK, info["vision"].d_head)
+        hooks["vision.hook_out"] = OutputTap(f"{v}post_layernorm")
+        if hasattr(self.model, "visual_projection"):
+            hooks["hook_image_embeds"] = OutputTap("visual_projection")
+        if "text" in info:
+            hooks["text.hook_embed"] = OutputTap("text_model.embeddings")
+            for i in range(info["text"].n_layers):
+                hooks |= block_hooks(f"text.blocks.{i}", f"text_model.encoder.layers.{i}", CLIP_BLOCK, info["text"].d_head)
+            hooks["text.ln_final.hook_normalized"] = OutputTap("text_model.final_layer_norm")
+            hooks["hook_text_embeds"] = OutputTap("text_projection")
+        return hooks
+
+    # ---- inputs -----------------------------------------------------------------------------------------------------
+    def prepare(self, inputs: Any, *, text: Any = None, prompt: Any = None, **kwargs) -> Prepared:
+        if prompt is not None:
+            raise TypeError("CLIP takes no prompt; pass captions to compare against as text=[...]")
+        check_type(inputs)
+        if is_processor_output(inputs):
+            model_kwargs = dict(inputs)
+        else:
+            model_kwargs = {}
+            if isinstance(inputs, torch.Tensor):
+                model_kwargs["pixel_values"] = pixel_tensor(inputs)
+            elif inputs is not None:
+                model_kwargs["pixel_values"] = self._processor("images").image_processor(
+                    images=load_images(inputs), return_tensors="pt"
+                )["pixel_values"]
+            if text is not None:
+                texts = [text] if isinstance(text, str) else list(text)
+                model_kwargs |= dict(self._processor("text").tokenizer(texts, padding=True, return_tensors="pt"))
+        model_kwargs |= kwargs
+        if "input_ids" in model_kwargs and not isinstance(self.model, CLIPModel):
+            raise TypeError(f"{type(self.model).__name__} has no text tower; text needs a CLIPModel")
+        if "pixel_values" not in model_kwargs and "input_ids" not in model_kwargs:
+            raise ValueError("nothing to run: pass images (or pixel_values) and/or text=[...]")
+        return Prepared(to_model(model_kwargs, self.model), self._layout(model_kwargs))
+
+    def _processor(self, what: str):
+        if self.processor is None:
+            raise ValueError(
+                f"this model was wrapped without a processor, so {what} cannot be preprocessed here; pass "
+                "HookedVLM.from_hf(model, processor) or ready pixel_values / processor outputs"
+            )
+        return self.processor
+
+    def _layout(self, model_kwargs: dict[str, Any]) -> InputLayout:
+        towers = {}
+        if "pixel_values" in model_kwargs:
+            pixels = model_kwargs["pixel_values"]
+            patch = self._vision_config.patch_size
+            towers["vision"] = grid_tower(pixels.shape[0], pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+        if "input_ids" in model_kwargs:
+            attention_mask = model_kwargs.get("attention_mask")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(model_kwargs["input_ids"])
+            towers["text"] = text_tower(attention_mask)
+        return InputLayout(towers)
+
+    def forward(self, prepared: Prepared) -> Any:
+        kwargs = prepared.kwargs
+        model = self.model
+        if isinstance(model, CLIPModel):
+            if "input_ids" in kwargs and "pixel_values" in kwargs:
+                return model(**kwargs).logits_per_image
+            if "pixel_values" in kwargs:
+                return model.get_image_features(**kwargs).pooler_output
+            return model.get_text_features(**kwargs).pooler_output
+        if isinstance(model, CLIPVisionModelWithProjection):
+            return model(**kwargs).image_embeds
+        return model(**kwargs).pooler_output
+
+    def describe(self) -> dict[str, Any]:
+        config = self._vision_config
+        grid = config.image_size // config.patch_size
+        facts = {
+            "image size": f"{config.image_size}×{config.image_size} px, patch {config.patch_size} px",
+            "vision tokens": f"1 CLS + {grid}×{grid} = {grid * grid} patches = {1 + grid * grid}",
+            "pooling": "CLS token of the last block → post_layernorm (vision.hook_out)",
+        }
+        if hasattr(self.model, "visual_projection"):
+            proj = self.model.visual_projection
+            facts["projection"] = f"visual_projection: Linear({proj.in_features} → {proj.out_features}, no bias)"
+        return facts

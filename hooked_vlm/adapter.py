@@ -1,0 +1,163 @@
+"""The contract between the model-agnostic core and one model family, and the adapter registry.
+
+An adapter is the only place that knows a family's module paths. It declares how to recognise the family,
+how to load it, where each canonical hook sits (a :class:`~hooked_vlm.taps.Tap` per name), how inputs are
+built from images and text, and the :class:`~hooked_vlm.layout.InputLayout` of an input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hooked_vlm.attention import AttentionFunctionTap
+from hooked_vlm.layout import InputLayout
+from hooked_vlm.taps import InputTap, OutputTap, ResidualSumTap, SplitHeads, Tap
+
+ADAPTERS: list[type[Adapter]] = []
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    ADAPTERS.append(cls)
+    return cls
+
+
+@dataclass
+class Prepared:
+    """Model inputs built from user inputs, and their layout."""
+
+    kwargs: dict[str, Any]
+    layout: InputLayout
+
+
+@dataclass(frozen=True)
+class TowerInfo:
+    """Facts about one tower, for reports and shape checks."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    n_kv_heads: int | None = None
+    d_mlp: int | None = None
+
+
+class Adapter:
+    """Base class of the per-family adapters in ``hooked_vlm.adapters``."""
+
+    #: short family name shown in reports
+    family: ClassVar[str] = ""
+    #: prefix of the module-path escape hatch names (``hf.<module path>.hook_out``)
+    raw_prefix: ClassVar[str] = "hf"
+
+    def __init__(self, model: nn.Module, processor: Any = None):
+        self.model = model
+        self.processor = processor
+
+    # ---- recognising and loading ---------------------------------------------------------------------------
+    @classmethod
+    def matches_model(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def matches_name(cls, name: str) -> bool:
+        """True if this adapter loads ``name`` itself (a scheme such as ``open_clip:``)."""
+        return False
+
+    @classmethod
+    def matches_config(cls, config: Any) -> bool:
+        return False
+
+    @classmethod
+    def load(cls, name: str, *, device: str, dtype: torch.dtype | None, attn_implementation: str | None, **kwargs):
+        """Load ``(model, processor)``; the model on ``device`` in eval mode."""
+        raise NotImplementedError
+
+    # ---- hook points ------------------------------------------------------------------------------------------
+    def hook_map(self) -> dict[str, Tap]:
+        """Every canonical hook name of this model, in forward order, with its tap."""
+        raise NotImplementedError
+
+    def towers(self) -> list[TowerInfo]:
+        raise NotImplementedError
+
+    def tower_of_prefix(self) -> Mapping[str, str]:
+        """Hook-name prefix → layout tower for prefixes that do not name a tower themselves."""
+        return {}
+
+    # ---- inputs -----------------------------------------------------------------------------------------------
+    def prepare(self, inputs: Any, *, text: Any = None, prompt: Any = None, **kwargs) -> Prepared:
+        raise NotImplementedError
+
+    def forward(self, prepared: Prepared) -> Any:
+        """Run the wrapped model on prepared inputs and return what the family returns for them."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Structure facts for the Phase 0 report (projection, embeddings, token counts)."""
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The canonical per-block hook set for blocks built from separate modules (HF CLIP, SigLIP, Qwen2, ...).
+
+
+@dataclass(frozen=True)
+class BlockPaths:
+    """Module names inside one pre-norm transformer block (relative to the block)."""
+
+    ln1: str
+    attn: str
+    ln2: str
+    mlp: str
+    q: str | None = "q_proj"  # relative to attn; None when q/k/v are fused
+    k: str | None = "k_proj"
+    v: str | None = "v_proj"
+    o: str = "out_proj"
+    mlp_in: str = "fc1"  # gate projection for gated MLPs
+    mlp_up: str | None = None  # up projection of gated MLPs
+    mlp_out: str = "fc2"
+
+
+def block_hooks(
+    prefix: str,
+    block: str,
+    paths: BlockPaths,
+    d_head: int,
+    rotary: bool = False,
+    attention_function: bool = True,
+    attention_repeats: bool = False,
+) -> dict[str, Tap]:
+    """The DESIGN.md per-block hook set of ``prefix`` (e.g. ``vision.blocks.3``) for the block at ``block``."""
+    attn = f"{block}.{paths.attn}"
+    mlp = f"{block}.{paths.mlp}"
+    heads = SplitHeads(d_head)
+    hooks: dict[str, Tap] = {
+        f"{prefix}.hook_resid_pre": InputTap(block),
+        f"{prefix}.ln1.hook_normalized": OutputTap(f"{block}.{paths.ln1}"),
+    }
+    for kind in ("q", "k", "v"):
+        path = getattr(paths, kind)
+        if path is not None:
+            hooks[f"{prefix}.attn.hook_{kind}"] = OutputTap(f"{attn}.{path}", view=heads)
+    if attention_function:
+        kinds = ("rot_q", "rot_k", "scores", "pattern") if rotary else ("scores", "pattern")
+        for kind in kinds:
+            name = {"scores": "hook_attn_scores", "pattern": "hook_pattern"}.get(kind, f"hook_{kind}")
+            hooks[f"{prefix}.attn.{name}"] = AttentionFunctionTap(attn, kind=kind, fires_repeatedly=attention_repeats)
+    hooks[f"{prefix}.attn.hook_z"] = InputTap(f"{attn}.{paths.o}", view=heads)
+    hooks[f"{prefix}.hook_attn_out"] = OutputTap(attn)
+    hooks[f"{prefix}.hook_resid_mid"] = ResidualSumTap(attn, block=block)
+    hooks[f"{prefix}.ln2.hook_normalized"] = OutputTap(f"{block}.{paths.ln2}")
+    hooks[f"{prefix}.mlp.hook_pre"] = OutputTap(f"{mlp}.{paths.mlp_in}")
+    if paths.mlp_up is not None:
+        hooks[f"{prefix}.mlp.hook_pre_linear"] = OutputTap(f"{mlp}.{paths.mlp_up}")
+    hooks[f"{prefix}.mlp.hook_post"] = InputTap(f"{mlp}.{paths.mlp_out}")
+    hooks[f"{prefix}.hook_mlp_out"] = OutputTap(mlp)
+    hooks[f"{prefix}.hook_resid_post"] = OutputTap(block)
+    return hooks

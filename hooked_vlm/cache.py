@@ -1,0 +1,81 @@
+"""ActivationCache: the activations of one run, keyed by canonical hook name, with the input layout attached."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from hooked_vlm.layout import InputLayout, Selector
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+class ActivationCache(Mapping[str, Tensor]):
+    """A read-only mapping ``hook name → tensor`` (TransformerLens style) that knows the input's layout.
+
+    ``cache["vision.blocks.3.hook_resid_post"]`` returns the tensor; ``cache.stack("vision.blocks.*.hook_resid_post")``
+    stacks a family over layers; ``cache.to_patch_grid(name)`` views image patches as ``[batch, rows, cols, ...]``.
+    """
+
+    def __init__(self, cache_dict: dict[str, Tensor], layout: InputLayout | None = None):
+        self.cache_dict = cache_dict
+        self.layout = layout
+
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return self.cache_dict[name]
+        except KeyError:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(self.cache_dict), n=3, cutoff=0.6)
+            hint = f"; did you mean {close}?" if close else ""
+            raise KeyError(f"{name!r} is not in this cache ({len(self.cache_dict)} entries){hint}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cache_dict)
+
+    def __len__(self) -> int:
+        return len(self.cache_dict)
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({len(self)} entries: {', '.join(list(self.cache_dict)[:4])}{', …' if len(self) > 4 else ''})"
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ActivationCache:
+        """A cache with every tensor moved to ``device`` and/or cast to ``dtype`` (floating tensors only)."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+        return ActivationCache({k: move(v) for k, v in self.cache_dict.items()}, self.layout)
+
+    def names(self, pattern: str) -> list[str]:
+        """Cached names matching a glob (``*`` matches any run of characters), in natural layer order."""
+        return sorted(fnmatch.filter(self.cache_dict, pattern), key=_natural_key)
+
+    def stack(self, pattern: str, return_labels: bool = False):
+        """Stack every cached tensor whose name matches ``pattern`` along a new leading axis (layer order)."""
+        names = self.names(pattern)
+        if not names:
+            raise KeyError(f"no cached hook matches {pattern!r}")
+        stacked = torch.stack([self.cache_dict[n] for n in names])
+        return (stacked, names) if return_labels else stacked
+
+    def to_patch_grid(self, name: str) -> Tensor:
+        """``[batch, pos, ...]`` → ``[batch, rows, cols, ...]`` over the image patches of ``name``'s sequence."""
+        return self._layout().to_patch_grid(name, self[name])
+
+    def select(self, name: str, positions: Selector) -> Tensor:
+        """The rows of ``name`` at the selected positions, flattened over ``[batch, pos]`` → ``[n, ...]``."""
+        mask = self._layout().mask(positions, name).to(self[name].device)
+        return self[name][mask]
+
+    def _layout(self) -> InputLayout:
+        if self.layout is None:
+            raise ValueError("this cache has no input layout attached")
+        return self.layout

@@ -1,0 +1,77 @@
+"""Normalising what users pass as images, before any processor or model work."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch import Tensor, nn
+
+from hooked_vlm.taps import current_device
+
+ImageLike = Image.Image | np.ndarray | str | os.PathLike
+
+ACCEPTED = (
+    "a PIL image, a numpy array [H, W, 3], a file path, a list of those, a tensor of ready pixel_values, "
+    "or a dict / BatchFeature of processor outputs"
+)
+
+
+def is_processor_output(inputs: Any) -> bool:
+    return isinstance(inputs, Mapping)
+
+
+def load_images(inputs: Any) -> list[Image.Image | np.ndarray]:
+    """A list of images from one image or a list of them; paths are opened as RGB."""
+    items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    if not items:
+        raise ValueError("no images given")
+    images: list[Image.Image | np.ndarray] = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            images.append(item.convert("RGB") if item.mode != "RGB" else item)
+        elif isinstance(item, (str, os.PathLike)):
+            if not os.path.exists(item):
+                raise FileNotFoundError(f"image file not found: {item}")
+            with Image.open(item) as image:
+                images.append(image.convert("RGB"))
+        elif isinstance(item, np.ndarray):
+            if item.ndim != 3 or item.shape[-1] not in (1, 3, 4):
+                raise ValueError(f"a numpy image must be [H, W, C] with C in (1, 3, 4), got shape {item.shape}")
+            images.append(item[..., :3] if item.shape[-1] == 4 else item)
+        else:
+            raise TypeError(f"unsupported image input of type {type(item).__name__}; expected {ACCEPTED}")
+    return images
+
+
+def to_model(kwargs: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Tensors moved to the model's input device; floating tensors cast to the model's dtype."""
+    device = current_device(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    moved: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if isinstance(value, Tensor):
+            value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+        moved[key] = value
+    return moved
+
+
+def pixel_tensor(inputs: Tensor, channels: int = 3) -> Tensor:
+    """Ready ``pixel_values``: ``[batch, C, H, W]`` (a single ``[C, H, W]`` image gets a batch axis)."""
+    if inputs.dim() == 3:
+        inputs = inputs.unsqueeze(0)
+    if inputs.dim() != 4 or inputs.shape[1] != channels:
+        raise ValueError(f"pixel_values must be [batch, {channels}, H, W], got {tuple(inputs.shape)}")
+    if not inputs.is_floating_point():
+        raise TypeError(f"pixel_values must be a floating tensor (already normalised), got {inputs.dtype}")
+    return inputs
+
+
+def check_type(inputs: Any) -> None:
+    if inputs is None or isinstance(inputs, (Tensor, Mapping, Image.Image, np.ndarray, str, os.PathLike, list, tuple)):
+        return
+    raise TypeError(f"unsupported input of type {type(inputs).__name__}; expected {ACCEPTED}")
+

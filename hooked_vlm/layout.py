@@ -1,0 +1,167 @@
+"""Where every position of every tower came from, and one vocabulary of position selectors.
+
+An :class:`InputLayout` holds one :class:`TowerLayout` per token sequence the model runs (``vision``, ``text``,
+``lm``, ...). A tower layout is a table over ``[batch, pos]``: the kind of each position (CLS, patch, text,
+image token, newline, padding), and for image-derived positions the image index, tile and (row, col).
+Selectors (``"all"``, ``"cls"``, ``"patches"``, ``"image"``, ``"text"``, ``"newline"``, a ``[rows, cols]`` bool
+patch mask, or a callable over the layout) resolve against it to a ``[batch, pos]`` bool mask, so caching,
+SAE harvesting, patching and steering all select positions the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Union
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+
+class Kind(IntEnum):
+    PAD = 0
+    CLS = 1
+    PATCH = 2
+    TEXT = 3
+    IMAGE = 4
+    NEWLINE = 5
+
+
+Selector = Union[str, Tensor, Callable[["InputLayout"], Tensor]]
+
+_NAMED = {
+    "cls": (Kind.CLS,),
+    "patches": (Kind.PATCH,),
+    "patch": (Kind.PATCH,),
+    "text": (Kind.TEXT,),
+    "image": (Kind.IMAGE,),
+    "newline": (Kind.NEWLINE,),
+}
+
+
+@dataclass
+class TowerLayout:
+    """Per-position facts of one token sequence, all ``[batch, pos]``; -1 where a field does not apply."""
+
+    kind: Int[Tensor, "batch pos"]
+    image: Int[Tensor, "batch pos"]
+    tile: Int[Tensor, "batch pos"]
+    row: Int[Tensor, "batch pos"]
+    col: Int[Tensor, "batch pos"]
+    #: ``(rows, cols)`` of the patch grid of each image, in image order.
+    grids: list[tuple[int, int]] = field(default_factory=list)
+    #: Free-form facts worth showing (e.g. that a grid was interpolated).
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.kind.shape)
+
+    def mask(self, selector: Selector, layout: InputLayout | None = None) -> Bool[Tensor, "batch pos"]:
+        """Resolve a selector to a ``[batch, pos]`` bool mask over this tower."""
+        if isinstance(selector, str):
+            if selector == "all":
+                return self.kind != Kind.PAD
+            if selector not in _NAMED:
+                raise ValueError(
+                    f"unknown position selector {selector!r}; expected one of "
+                    f"{['all', *sorted(_NAMED)]}, a [rows, cols] bool patch mask, or a callable over the layout"
+                )
+            return torch.isin(self.kind, torch.tensor(_NAMED[selector]))
+        if isinstance(selector, Tensor):
+            if selector.dtype != torch.bool or selector.dim() != 2:
+                raise ValueError(
+                    f"a patch-mask selector must be a 2-D bool tensor [rows, cols], got {selector.dtype} "
+                    f"{tuple(selector.shape)}"
+                )
+            rows, cols = selector.shape
+            on_grid = (self.row >= 0) & (self.row < rows) & (self.col >= 0) & (self.col < cols)
+            if not self.grids or any(g != (rows, cols) for g in self.grids):
+                raise ValueError(f"patch mask of shape {(rows, cols)} does not match the image grids {self.grids}")
+            picked = torch.zeros_like(on_grid)
+            picked[on_grid] = selector[self.row[on_grid], self.col[on_grid]]
+            return picked
+        if callable(selector):
+            if layout is None:
+                raise ValueError("a callable selector needs the whole InputLayout")
+            mask = selector(layout)
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != self.shape:
+                raise ValueError(f"a callable selector must return a bool tensor of shape {self.shape}")
+            return mask
+        raise TypeError(f"unsupported position selector of type {type(selector).__name__}")
+
+    def patch_positions(self, batch_index: int = 0) -> Int[Tensor, "rows cols"]:
+        """Sequence positions of the patches of one batch row, arranged as its ``[rows, cols]`` grid."""
+        is_patch = (self.kind[batch_index] == Kind.PATCH) | (self.kind[batch_index] == Kind.IMAGE)
+        rows = self.row[batch_index][is_patch]
+        cols = self.col[batch_index][is_patch]
+        positions = is_patch.nonzero().squeeze(-1)
+        n_rows, n_cols = int(rows.max()) + 1, int(cols.max()) + 1
+        grid = torch.full((n_rows, n_cols), -1, dtype=torch.long)
+        grid[rows, cols] = positions
+        if (grid < 0).any():
+            raise ValueError("the patches of this row do not form a full grid")
+        return grid
+
+
+@dataclass
+class InputLayout:
+    """The layout of one model input: a :class:`TowerLayout` per tower, and which tower each hook reads."""
+
+    towers: dict[str, TowerLayout]
+    #: hook-name prefix → tower key (e.g. ``"projector"`` → ``"vision"`` when the projector runs per patch)
+    tower_of_prefix: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, tower: str) -> TowerLayout:
+        return self.towers[tower]
+
+    def tower_for(self, hook_name: str) -> TowerLayout:
+        prefix = hook_name.split(".", 1)[0]
+        key = self.tower_of_prefix.get(prefix, prefix)
+        if key not in self.towers:
+            raise KeyError(f"hook {hook_name!r} has no per-position layout (towers: {sorted(self.towers)})")
+        return self.towers[key]
+
+    def mask(self, selector: Selector, hook_name: str) -> Bool[Tensor, "batch pos"]:
+        """The positions of ``hook_name``'s sequence that ``selector`` picks, as a ``[batch, pos]`` bool mask."""
+        return self.tower_for(hook_name).mask(selector, self)
+
+    def to_patch_grid(self, hook_name: str, activation: Tensor) -> Tensor:
+        """``[batch, pos, ...]`` → ``[batch, rows, cols, ...]`` over the image patches (CLS and text dropped)."""
+        tower = self.tower_for(hook_name)
+        if activation.shape[:2] != tower.shape:
+            raise ValueError(
+                f"{hook_name!r} has shape {tuple(activation.shape)}, not [batch, pos, ...] with batch, pos = {tower.shape}"
+            )
+        grids = [tower.patch_positions(b) for b in range(tower.shape[0])]
+        if any(g.shape != grids[0].shape for g in grids):
+            raise ValueError("batch rows have different patch grids; index one row at a time")
+        index = torch.stack(grids).to(activation.device)  # [batch, rows, cols]
+        batch = torch.arange(index.shape[0], device=activation.device)[:, None, None]
+        return activation[batch, index]
+
+
+def grid_tower(batch: int, rows: int, cols: int, n_prefix: int = 1, image_offset: int = 0) -> TowerLayout:
+    """A ViT sequence: ``n_prefix`` CLS/register tokens, then a row-major ``rows × cols`` patch grid."""
+    n = n_prefix + rows * cols
+    kind = torch.full((batch, n), int(Kind.PATCH), dtype=torch.long)
+    kind[:, :n_prefix] = int(Kind.CLS)
+    row = torch.full((batch, n), -1, dtype=torch.long)
+    col = torch.full((batch, n), -1, dtype=torch.long)
+    patch = torch.arange(rows * cols)
+    row[:, n_prefix:] = patch // cols
+    col[:, n_prefix:] = patch % cols
+    image = (torch.arange(batch) + image_offset)[:, None].expand(batch, n).clone()
+    return TowerLayout(
+        kind=kind, image=image, tile=torch.zeros_like(kind), row=row, col=col, grids=[(rows, cols)] * batch
+    )
+
+
+def text_tower(attention_mask: Tensor) -> TowerLayout:
+    """A token sequence: text where ``attention_mask`` is 1, padding elsewhere."""
+    attention_mask = attention_mask.cpu()
+    kind = torch.where(attention_mask.bool(), int(Kind.TEXT), int(Kind.PAD)).long()
+    minus = torch.full_like(kind, -1)
+    return TowerLayout(kind=kind, image=minus, tile=minus.clone(), row=minus.clone(), col=minus.clone())

@@ -1,0 +1,301 @@
+"""HookedVLM: a TransformerLens ``HookedRootModule`` around an unmodified Hugging Face / open_clip model."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformer_lens import HookedRootModule
+
+from hooked_vlm.adapter import ADAPTERS, Adapter, Prepared
+from hooked_vlm.cache import ActivationCache
+from hooked_vlm.taps import BoundHookPoint, InputTap, OutputTap, Run, StopForward, install_taps, remove_all
+
+NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
+
+_UNSET: Any = object()
+
+
+class UnknownHookError(KeyError):
+    """A hook name that is neither canonical nor a module path of the wrapped model."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class _Namespace(nn.Module):
+    """A node of the hook-name tree (``vision``, ``vision.blocks``, ``vision.blocks.3``, ...)."""
+
+
+def _ensure_adapters_loaded() -> None:
+    import hooked_vlm.adapters  # noqa: F401  (registers every family)
+
+
+def check_device(device: Any, explicit: bool) -> None:
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        asked = f"device={str(device)!r} was asked for" if explicit else "the default device is CUDA"
+        raise RuntimeError(
+            f"CUDA is not available on this machine and {asked}; pass device='cpu' to run on the CPU"
+        )
+
+
+class HookedVLM(HookedRootModule):
+    """A vision(-language) model whose every part exposes transformer_lens ``HookPoint``s under canonical names.
+
+    The wrapped model runs unmodified; hook points are bound to its module boundaries and installed as PyTorch
+    hooks only while they have hooks attached, for the duration of a run.
+
+    Examples:
+        >>> model = HookedVLM.from_pretrained("openai/clip-vit-large-patch14")
+        >>> embeds, cache = model.run_with_cache(image, names_filter="vision.blocks.3.attn.hook_z")
+    """
+
+    def __init__(self, adapter: Adapter):
+        super().__init__()
+        self.adapter = adapter
+        self.processor = adapter.processor
+        self.add_module(adapter.raw_prefix, adapter.model)
+        self._armed: set[BoundHookPoint] = set()
+        self._n_hook_points = 0
+        for name, tap in adapter.hook_map().items():
+            self._place(name, self._new_hook_point(tap))
+        self.setup()
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, model: nn.Module, processor: Any = None) -> HookedVLM:
+        """Wrap an already-built model of a supported family (random or pretrained) and, optionally, its processor."""
+        _ensure_adapters_loaded()
+        for adapter in ADAPTERS:
+            if adapter.matches_model(model):
+                return cls(adapter(model, processor))
+        supported = ", ".join(sorted({a.family for a in ADAPTERS}))
+        raise TypeError(f"no hooked_vlm adapter for {type(model).__name__}; supported families: {supported}")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | torch.device = _UNSET,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        **hf_kwargs: Any,
+    ) -> HookedVLM:
+        """Load a checkpoint and its own processor, picking the adapter from the checkpoint's config.
+
+        ``name_or_path`` is a Hugging Face hub id or local folder, or ``open_clip:ARCH/PRETRAINED``. The default
+        device is CUDA; without CUDA pass ``device="cpu"``. ``device_map=...`` (accelerate) is passed through.
+        """
+        _ensure_adapters_loaded()
+        explicit = device is not _UNSET
+        device = device if explicit else "cuda"
+        if "device_map" not in hf_kwargs:
+            check_device(device, explicit)
+        for adapter in ADAPTERS:
+            if adapter.matches_name(name_or_path):
+                model, processor = adapter.load(
+                    name_or_path, device=device, dtype=dtype, attn_implementation=attn_implementation, **hf_kwargs
+                )
+                return cls(adapter(model, processor))
+        config = _load_config(name_or_path, hf_kwargs)
+        for adapter in ADAPTERS:
+            if adapter.matches_config(config):
+                model, processor = adapter.load(
+                    name_or_path, device=device, dtype=dtype, attn_implementation=attn_implementation, **hf_kwargs
+                )
+                return cls(adapter(model, processor))
+        raise ValueError(
+            f"{name_or_path!r} is a {getattr(config, 'model_type', '?')!r} checkpoint "
+            f"({getattr(config, 'architectures', None)}), which no hooked_vlm adapter supports; "
+            f"supported families: {', '.join(sorted({a.family for a in ADAPTERS}))}"
+        )
+
+    # ---- the hook-name tree ---------------------------------------------------------------------------------------
+    def _new_hook_point(self, tap) -> BoundHookPoint:
+        self._n_hook_points += 1
+        return BoundHookPoint(tap, self._armed, order=self._n_hook_points)
+
+    def _place(self, name: str, hook_point: BoundHookPoint) -> None:
+        *parents, leaf = name.split(".")
+        node: nn.Module = self
+        for part in parents:
+            child = node._modules.get(part)
+            if child is None:
+                child = _Namespace()
+                node.add_module(part, child)
+            node = child
+        node.add_module(leaf, hook_point)
+
+    def setup(self) -> None:
+        """Index the hook-name tree (not the wrapped model, whose modules keep their own attributes)."""
+        self.mod_dict = {}
+        self.hook_dict = {}
+        raw = self.adapter.raw_prefix
+        stack: list[tuple[str, nn.Module]] = [(n, m) for n, m in self._modules.items() if n != raw]
+        while stack:
+            name, module = stack.pop()
+            module.name = name
+            self.mod_dict[name] = module
+            if isinstance(module, BoundHookPoint):
+                self.hook_dict[name] = module
+            else:
+                stack.extend((f"{name}.{n}", m) for n, m in module._modules.items())
+        self.hook_dict = dict(sorted(self.hook_dict.items(), key=lambda item: item[1].order))
+
+    @property
+    def raw_model(self) -> nn.Module:
+        """The wrapped Hugging Face / open_clip model, unmodified."""
+        return self.adapter.model
+
+    def hook_names(self, pattern: str = "*") -> list[str]:
+        """Canonical hook names matching a glob pattern, in forward order (``"vision.blocks.*.hook_resid_post"``)."""
+        return [n for n in self.hook_dict if fnmatch.fnmatchcase(n, pattern)]
+
+    def hook_point(self, name: str) -> BoundHookPoint:
+        """The hook point called ``name``: a canonical name, or ``<raw prefix>.<module path>.hook_out|hook_in``."""
+        hook_point = self.hook_dict.get(name)
+        if hook_point is not None:
+            return hook_point
+        raw = self.adapter.raw_prefix
+        for suffix, tap_class in ((".hook_out", OutputTap), (".hook_in", InputTap)):
+            if name.startswith(raw + ".") and name.endswith(suffix):
+                path = name[len(raw) + 1 : -len(suffix)]
+                try:
+                    self.raw_model.get_submodule(path)
+                except AttributeError:
+                    break
+                hook_point = self._new_hook_point(tap_class(path))
+                hook_point.name = name
+                self.hook_dict[name] = self.mod_dict[name] = hook_point
+                return hook_point
+        close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownHookError(
+            f"unknown hook name {name!r}.{hint} (model.hook_names() lists the canonical names; any module of the "
+            f"wrapped model is reachable as '{raw}.<module path>.hook_out' or '.hook_in')"
+        )
+
+    def resolve_names(self, names_filter: NamesFilter) -> list[BoundHookPoint]:
+        """The hook points a TransformerLens-style ``names_filter`` selects; unknown names raise."""
+        if names_filter is None:
+            return list(self.hook_dict.values())
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if callable(names_filter):
+            return [hp for name, hp in list(self.hook_dict.items()) if names_filter(name)]
+        selected: list[BoundHookPoint] = []
+        for name in names_filter:
+            if any(c in name for c in "*?["):
+                matches = self.hook_names(name)
+                if not matches:
+                    raise UnknownHookError(f"no hook name matches the pattern {name!r}")
+                selected.extend(self.hook_dict[m] for m in matches)
+            else:
+                selected.append(self.hook_point(name))
+        return list(dict.fromkeys(selected))
+
+    # ---- hooks: lazy resolution of names for every TransformerLens entry point -------------------------------------
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        for hp in self.resolve_names(name if callable(name) else [name]):
+            self.check_and_add_hook(hp, hp.name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def _enable_hook(self, name, hook, dir) -> None:
+        for hp in self.resolve_names(name if callable(name) else [name]):
+            hp.add_hook(hook, dir=dir, level=self.context_level)
+
+    # ---- running --------------------------------------------------------------------------------------------------
+    def prepare_inputs(self, inputs: Any = None, *, text: Any = None, prompt: Any = None, **kwargs) -> Prepared:
+        """Build model inputs and their :class:`InputLayout` from images, text, prompts or processor outputs."""
+        if isinstance(inputs, Prepared):
+            return inputs
+        return self.adapter.prepare(inputs, text=text, prompt=prompt, **kwargs)
+
+    def forward(self, inputs: Any = None, *, text: Any = None, prompt: Any = None, **kwargs) -> Any:
+        """Run the model with whatever hooks are attached; returns what the wrapped model returns for the input."""
+        return self._execute(self.prepare_inputs(inputs, text=text, prompt=prompt, **kwargs), stop_early=False)
+
+    def _live_hook_points(self) -> list[BoundHookPoint]:
+        live = [hp for hp in self._armed if hp.has_any_hook()]
+        if len(live) != len(self._armed):
+            self._armed.intersection_update(live)
+        return live
+
+    def _execute(self, prepared: Prepared, stop_early: bool) -> Any:
+        live = self._live_hook_points()
+        if not live:
+            return self.adapter.forward(prepared)
+        run = Run(live, stop_early)
+        handles = install_taps(self.raw_model, live, run)
+        try:
+            return self.adapter.forward(prepared)
+        except StopForward:
+            return None
+        finally:
+            remove_all(handles)
+
+    def run_with_cache(
+        self,
+        inputs: Any = None,
+        *,
+        names_filter: NamesFilter = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        stop_early: bool = True,
+        incl_bwd: bool = False,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        text: Any = None,
+        prompt: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Any, ActivationCache]:
+        """Run the model and cache the activations ``names_filter`` selects (all canonical hooks by default).
+
+        With ``stop_early`` (default) and an explicit ``names_filter``, the forward stops as soon as every hook
+        point with hooks attached has fired, and the returned output is ``None``. ``device`` / ``dtype`` say where
+        and in which dtype cached tensors are kept. ``incl_bwd`` backpropagates from the (scalar) output and
+        caches gradients under ``<name>_grad``.
+        """
+        hook_points = self.resolve_names(names_filter)
+        prepared = self.prepare_inputs(inputs, text=text, prompt=prompt, **kwargs)
+        cache: dict[str, Tensor] = {}
+
+        def save(tensor: Tensor, hook: BoundHookPoint, suffix: str = "") -> None:
+            keep_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
+            cache[hook.name + suffix] = tensor.detach().to(device=device, dtype=keep_dtype)
+
+        fwd_hooks = [(hp.name, save) for hp in hook_points]
+        bwd_hooks = [(hp.name, lambda t, hook: save(t, hook, "_grad")) for hp in hook_points] if incl_bwd else []
+        stop = stop_early and names_filter is not None and not incl_bwd
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            output = self._execute(prepared, stop_early=stop)
+            if incl_bwd:
+                scalar = output if isinstance(output, Tensor) else None
+                if scalar is None or scalar.numel() != 1:
+                    raise ValueError("incl_bwd=True needs a scalar model output; use run_with_hooks and a readout")
+                scalar.backward()
+        return output, ActivationCache(cache, prepared.layout)
+
+    def __repr__(self) -> str:
+        return (
+            f"HookedVLM({self.adapter.family}: {type(self.raw_model).__name__}, "
+            f"{len(self.hook_names())} hook points)"
+        )
+
+
+def _load_config(name_or_path: str, hf_kwargs: dict[str, Any]):
+    from transformers import AutoConfig
+
+    config_kwargs = {k: hf_kwargs[k] for k in ("revision", "token", "trust_remote_code", "cache_dir") if k in hf_kwargs}
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **config_kwargs)
+    except Exception as error:  # offline, unknown repo, bad folder: say what was tried
+        raise OSError(
+            f"could not load {name_or_path!r}: tried transformers.AutoConfig.from_pretrained({name_or_path!r}) "
+            f"(a Hugging Face hub id or a local folder with config.json) and the open_clip scheme "
+            f"'open_clip:ARCH/PRETRAINED'. Underlying error: {type(error).__name__}: {error}"
+        ) from error

@@ -1,0 +1,321 @@
+"""Binding of hook points to module boundaries of a model we do not own.
+
+A :class:`Tap` says where a canonical hook point sits in the wrapped model (a module path plus a boundary)
+and how its value is viewed (e.g. split into heads). Taps are installed as PyTorch hooks only for the hook
+points that have hooks attached, only for the duration of one run, and removed afterwards, so that a model
+with no hooks attached runs exactly the stock forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+
+class StopForward(Exception):
+    """Raised inside a forward once every requested hook point has fired; caught by the run."""
+
+
+class HookShapeError(ValueError):
+    """A user hook returned a tensor of the wrong shape."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Views: how the tensor at a boundary is presented to the hook point, and how an edit is written back.
+
+
+class View:
+    """Identity view; subclasses reshape a boundary tensor for the hook and write edits back."""
+
+    def to_hook(self, x: Tensor) -> Tensor:
+        return x
+
+    def from_hook(self, x: Tensor, h: Tensor) -> Tensor:
+        return h
+
+
+@dataclass(frozen=True)
+class SplitHeads(View):
+    """``[..., head * d_head]`` at the boundary, ``[..., head, d_head]`` at the hook point."""
+
+    d_head: int
+
+    def to_hook(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (-1, self.d_head))
+
+    def from_hook(self, x: Tensor, h: Tensor) -> Tensor:
+        return h.flatten(-2)
+
+
+@dataclass(frozen=True)
+class SelectToken(View):
+    """One position of a ``[batch, pos, d]`` boundary tensor (e.g. the CLS token a pooler reads)."""
+
+    index: int
+
+    def to_hook(self, x: Tensor) -> Tensor:
+        return x[:, self.index]
+
+    def from_hook(self, x: Tensor, h: Tensor) -> Tensor:
+        out = x.clone()
+        out[:, self.index] = h
+        return out
+
+
+IDENTITY = View()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The hook point class and the per-run state.
+
+
+class BoundHookPoint(HookPoint):
+    """A transformer_lens ``HookPoint`` that knows where it sits in the wrapped model.
+
+    Adding a hook arms the hook point: the next run installs its tap. Nothing else differs from
+    ``HookPoint``, so TransformerLens and sae_lens utilities treat it as one.
+    """
+
+    def __init__(self, tap: Tap, armed: set[BoundHookPoint], order: int):
+        super().__init__()
+        self.tap = tap
+        self.order = order
+        self._armed = armed
+
+    def add_hook(self, hook, dir="fwd", is_permanent=False, level=None, prepend=False, **kwargs) -> None:
+        super().add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend, **kwargs)
+        self._armed.add(self)
+
+    def has_any_hook(self) -> bool:
+        return bool(self._forward_hooks or self._backward_hooks)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+class Run:
+    """State shared by the taps of one run: which hook points still have to fire before an early stop."""
+
+    def __init__(self, hook_points: Sequence[BoundHookPoint], stop_early: bool):
+        self.pending = set(hook_points) if stop_early else None
+        self.attention_options: dict[str, Any] = {}
+
+    def fire(self, hp: BoundHookPoint, x: Tensor) -> Tensor:
+        """Pass ``x`` through the hook point, check what the user hooks returned, and track completion."""
+        y = hp(x)
+        if y is not x:
+            if not isinstance(y, Tensor):
+                raise HookShapeError(f"hook on {hp.name!r} returned {type(y).__name__}, expected a Tensor or None")
+            if y.shape != x.shape:
+                raise HookShapeError(
+                    f"hook on {hp.name!r} returned shape {tuple(y.shape)}, expected {tuple(x.shape)}"
+                )
+        if self.pending is not None and not hp.tap.fires_repeatedly:
+            self.done(hp)
+        return y
+
+    def done(self, hp: BoundHookPoint) -> None:
+        if self.pending is None:
+            return
+        self.pending.discard(hp)
+        if not self.pending:
+            raise StopForward
+
+
+Handle = Any  # anything with .remove()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Taps.
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where a hook point sits: a module path of the wrapped model and a boundary of that module."""
+
+    module: str
+    view: View = IDENTITY
+    #: True if the value can pass the boundary several times in one call of ``module`` (e.g. per-image
+    #: attention calls); completion is then tracked at the end of the module's forward.
+    fires_repeatedly: bool = False
+
+    def group_key(self) -> object:
+        return self
+
+    @classmethod
+    def install_group(cls, root: nn.Module, hook_points: list[BoundHookPoint], run: Run) -> list[Handle]:
+        handles = []
+        for hp in hook_points:
+            handles.extend(hp.tap.install(root, hp, run))
+        return handles
+
+    def install(self, root: nn.Module, hp: BoundHookPoint, run: Run) -> list[Handle]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.module
+
+
+def _first(output: Any) -> tuple[Tensor, Callable[[Tensor], Any]]:
+    """The tensor a module boundary carries, and how to put a replacement back into the output."""
+    if isinstance(output, Tensor):
+        return output, lambda new: new
+    if isinstance(output, tuple):
+        return output[0], lambda new: (new, *output[1:])
+    if isinstance(output, dict):  # ModelOutput
+        key = next(iter(output.keys()))
+
+        def put(new: Tensor) -> Any:
+            output[key] = new
+            return output
+
+        return output[key], put
+    raise TypeError(f"cannot tap a module output of type {type(output).__name__}")
+
+
+@dataclass(frozen=True)
+class OutputTap(Tap):
+    """The output of ``module`` (its first element if the module returns a tuple)."""
+
+    def install(self, root, hp, run):
+        view = self.view
+
+        def hook(module, args, output):
+            x, put = _first(output)
+            h = view.to_hook(x)
+            new = run.fire(hp, h)
+            if new is not h:
+                return put(view.from_hook(x, new))
+            return None
+
+        return [root.get_submodule(self.module).register_forward_hook(hook)]
+
+    def describe(self) -> str:
+        return f"{self.module} → output"
+
+
+@dataclass(frozen=True)
+class InputTap(Tap):
+    """The first positional input of ``module``."""
+
+    def install(self, root, hp, run):
+        view = self.view
+
+        def hook(module, args, kwargs):
+            if args:
+                x = args[0]
+                h = view.to_hook(x)
+                new = run.fire(hp, h)
+                if new is not h:
+                    return (view.from_hook(x, new), *args[1:]), kwargs
+                return None
+            key = next(iter(kwargs))
+            x = kwargs[key]
+            h = view.to_hook(x)
+            new = run.fire(hp, h)
+            if new is not h:
+                return args, {**kwargs, key: view.from_hook(x, new)}
+            return None
+
+        return [root.get_submodule(self.module).register_forward_pre_hook(hook, with_kwargs=True)]
+
+    def describe(self) -> str:
+        return f"{self.module} → input"
+
+
+@dataclass(frozen=True)
+class ResidualSumTap(Tap):
+    """``block input + branch output``: the residual stream between two sublayers (``hook_resid_mid``).
+
+    ``module`` is the branch (the attention module, or the layer-scale after it) whose output the block adds
+    to its input. An edit is written back into the branch output as ``new - block_input``, so the block's own
+    addition produces the edited residual and every later use of it sees the edit.
+    """
+
+    block: str = ""
+
+    def install(self, root, hp, run):
+        stash: dict[str, Tensor] = {}
+
+        def remember_input(module, args, kwargs):
+            stash["resid_pre"] = args[0] if args else next(iter(kwargs.values()))
+
+        def hook(module, args, output):
+            branch, put = _first(output)
+            resid_pre = stash["resid_pre"]
+            mid = resid_pre + branch
+            new = run.fire(hp, mid)
+            if new is not mid:
+                return put(new - resid_pre)
+            return None
+
+        block = root.get_submodule(self.block)
+        return [
+            block.register_forward_pre_hook(remember_input, with_kwargs=True),
+            root.get_submodule(self.module).register_forward_hook(hook),
+        ]
+
+    def describe(self) -> str:
+        return f"{self.block} → input + {self.module} → output"
+
+
+class CompletionHook:
+    """Marks hook points done when ``module`` finishes (for taps that may fire several times per call)."""
+
+    @staticmethod
+    def install(root: nn.Module, module: str, hook_points: list[BoundHookPoint], run: Run) -> Handle:
+        def hook(mod, args, output):
+            for hp in hook_points:
+                run.done(hp)
+
+        return root.get_submodule(module).register_forward_hook(hook)
+
+
+def install_taps(root: nn.Module, hook_points: Sequence[BoundHookPoint], run: Run) -> list[Handle]:
+    """Install the taps of ``hook_points`` (in definition order) and return the handles to remove."""
+    groups: dict[object, list[BoundHookPoint]] = {}
+    for hp in sorted(hook_points, key=lambda h: h.order):
+        groups.setdefault(hp.tap.group_key(), []).append(hp)
+    handles: list[Handle] = []
+    try:
+        for members in groups.values():
+            handles.extend(type(members[0].tap).install_group(root, members, run))
+        if run.pending is not None:
+            repeated: dict[str, list[BoundHookPoint]] = {}
+            for hp in hook_points:
+                if hp.tap.fires_repeatedly:
+                    repeated.setdefault(hp.tap.module, []).append(hp)
+            for module, members in repeated.items():
+                handles.append(CompletionHook.install(root, module, members, run))
+    except BaseException:
+        remove_all(handles)
+        raise
+    return handles
+
+
+def remove_all(handles: Sequence[Handle]) -> None:
+    for handle in reversed(handles):
+        handle.remove()
+
+
+def module_exists(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def current_device(module: nn.Module) -> torch.device:
+    """The device inputs should go to: the first parameter's (accelerate puts the embeddings there)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
