@@ -1,9 +1,4 @@
-"""Tiny random-weight models of every supported family, with offline processors and tokenizers.
-
-They are built from the real architecture classes (only the sizes are small), so every module path, hook
-boundary and forward quirk is the real one. Tests, examples, the CLI's default model and the demo use them;
-nothing here downloads anything.
-"""
+"""Tiny random CLIP models (Hugging Face and open_clip) with offline processors and the real CLIP tokenizer."""
 
 from __future__ import annotations
 
@@ -11,9 +6,7 @@ import functools
 import gzip
 from importlib import resources
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -117,28 +110,3 @@ def tiny_open_clip(seed: int = 0):
     preprocess = open_clip.image_transform(TINY_CLIP_IMAGE_SIZE, is_train=False, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
     tokenizer = open_clip.SimpleTokenizer()
     return model, (preprocess, tokenizer)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Images drawn in code (no downloads): simple, recognisable, with structure that differs left/right and up/down.
-
-
-def sample_image(width: int = 96, height: int = 96, seed: int = 0) -> Image.Image:
-    """A deterministic RGB test image: a gradient sky, a sun, and a ground band."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    sky = np.stack([40 + 100 * y / height, 90 + 80 * y / height, 200 - 60 * y / height], -1)
-    image = Image.fromarray(sky.astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    r = min(width, height) // 6
-    cx, cy = int(width * (0.25 + 0.5 * rng.random())), int(height * 0.3)
-    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(250, 210, 60))
-    draw.rectangle([0, int(height * 0.7), width, height], fill=(60, 140, 70))
-    return image
-
-
-def half_and_half_image(width: int = 96, height: int = 96) -> Image.Image:
-    """Left half black, right half white: a check that column order survives preprocessing."""
-    array = np.zeros((height, width, 3), dtype=np.uint8)
-    array[:, width // 2 :] = 255
-    return Image.fromarray(array)
