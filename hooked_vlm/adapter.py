@@ -98,6 +98,18 @@ class Adapter:
         """Run the wrapped model on prepared inputs and return what the family returns for them."""
         raise NotImplementedError
 
+    def generate(self, prepared: Prepared, **generate_kwargs) -> torch.Tensor:
+        """Token ids ``[batch, prompt + new]`` from the wrapped model's ``generate``."""
+        raise NotImplementedError(f"{self.family} models do not generate text")
+
+    def prompt_length(self, prepared: Prepared) -> int:
+        """Number of prompt positions at the start of the generated sequences."""
+        return prepared.kwargs["input_ids"].shape[1]
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        """Token ids decoded by the checkpoint's processor."""
+        return self.processor.batch_decode(token_ids, skip_special_tokens=True)
+
     def describe(self) -> dict[str, Any]:
         """Structure facts for the Phase 0 report (projection, embeddings, token counts)."""
         return {}

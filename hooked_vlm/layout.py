@@ -94,16 +94,30 @@ class TowerLayout:
 
     def patch_positions(self, batch_index: int = 0) -> Int[Tensor, "rows cols"]:
         """Sequence positions of the patches of one batch row, arranged as its ``[rows, cols]`` grid."""
-        is_patch = (self.kind[batch_index] == Kind.PATCH) | (self.kind[batch_index] == Kind.IMAGE)
-        rows = self.row[batch_index][is_patch]
-        cols = self.col[batch_index][is_patch]
-        positions = is_patch.nonzero().squeeze(-1)
-        n_rows, n_cols = int(rows.max()) + 1, int(cols.max()) + 1
-        grid = torch.full((n_rows, n_cols), -1, dtype=torch.long)
-        grid[rows, cols] = positions
-        if (grid < 0).any():
-            raise ValueError("the patches of this row do not form a full grid")
-        return grid
+        is_patch = torch.isin(self.kind, torch.tensor((Kind.PATCH, Kind.IMAGE)))
+        is_patch[torch.arange(self.shape[0]) != batch_index] = False
+        return _arrange(self, is_patch)[1]
+
+    def grid_index(self, image: int, tile: int = 0) -> tuple[Int[Tensor, "rows cols"], Int[Tensor, "rows cols"]]:
+        """``(batch index, position)`` of every patch / image token of ``image`` (and ``tile``) as a grid."""
+        selected = torch.isin(self.kind, torch.tensor((Kind.PATCH, Kind.IMAGE)))
+        selected &= (self.image == image) & (self.tile == tile)
+        if not selected.any():
+            raise ValueError(f"no patches of image {image}, tile {tile} in this sequence")
+        return _arrange(self, selected)
+
+
+def _arrange(tower: TowerLayout, selected: Tensor) -> tuple[Tensor, Tensor]:
+    batch, position = selected.nonzero(as_tuple=True)
+    rows, cols = tower.row[batch, position], tower.col[batch, position]
+    shape = (int(rows.max()) + 1, int(cols.max()) + 1)
+    batch_grid = torch.full(shape, -1, dtype=torch.long)
+    position_grid = torch.full(shape, -1, dtype=torch.long)
+    batch_grid[rows, cols] = batch
+    position_grid[rows, cols] = position
+    if (position_grid < 0).any() or len(position) != shape[0] * shape[1]:
+        raise ValueError("the selected patches do not form one full grid")
+    return batch_grid, position_grid
 
 
 @dataclass
@@ -141,6 +155,11 @@ class InputLayout:
         index = torch.stack(grids).to(activation.device)  # [batch, rows, cols]
         batch = torch.arange(index.shape[0], device=activation.device)[:, None, None]
         return activation[batch, index]
+
+    def image_grid(self, hook_name: str, activation: Tensor, image: int = 0, tile: int = 0) -> Tensor:
+        """One image's patches (or LM image tokens) of ``[batch, pos, ...]`` as ``[rows, cols, ...]`` (for heatmaps)."""
+        batch, position = self.tower_for(hook_name).grid_index(image, tile)
+        return activation[batch.to(activation.device), position.to(activation.device)]
 
 
 def grid_tower(batch: int, rows: int, cols: int, n_prefix: int = 1, image_offset: int = 0) -> TowerLayout:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +27,17 @@ class UnknownHookError(KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
+
+
+@dataclass
+class Generation:
+    """What :meth:`HookedVLM.generate` returns."""
+
+    sequences: Tensor  # [batch, prompt + new] token ids, as the wrapped model's generate returns them
+    new_tokens: Tensor  # [batch, new]
+    text: list[str]  # the new tokens decoded by the checkpoint's processor
+    step_cache: dict[str, list[Tensor]] = field(default_factory=dict)  # hook name → one tensor per forward step
+    layout: Any = None  # the prompt's InputLayout
 
 
 class _Namespace(nn.Module):
@@ -225,18 +238,26 @@ class HookedVLM(HookedRootModule):
             self._armed.intersection_update(live)
         return live
 
-    def _execute(self, prepared: Prepared, stop_early: bool) -> Any:
+    @contextmanager
+    def _taps(self, stop_early: bool):
+        """Install the taps of every hook point that has hooks attached; remove them on exit, whatever happens."""
         live = self._live_hook_points()
         if not live:
-            return self.adapter.forward(prepared)
+            yield
+            return
         run = Run(live, stop_early)
         handles = install_taps(self.raw_model, live, run)
         try:
-            return self.adapter.forward(prepared)
-        except StopForward:
-            return None
+            yield
         finally:
             remove_all(handles)
+
+    def _execute(self, prepared: Prepared, stop_early: bool) -> Any:
+        try:
+            with self._taps(stop_early):
+                return self.adapter.forward(prepared)
+        except StopForward:
+            return None
 
     def run_with_cache(
         self,
@@ -279,6 +300,37 @@ class HookedVLM(HookedRootModule):
                     raise ValueError("incl_bwd=True needs a scalar model output; use run_with_hooks and a readout")
                 scalar.backward()
         return output, ActivationCache(cache, prepared.layout)
+
+
+    def generate(
+        self,
+        inputs: Any = None,
+        *,
+        prompt: Any = None,
+        text: Any = None,
+        cache_names: NamesFilter = None,
+        cache_device: str | torch.device | None = None,
+        **generate_kwargs: Any,
+    ) -> Generation:
+        """Generate with every attached hook active at every step (prefill and each new token).
+
+        ``cache_names`` (a names filter) records those hooks at every forward step into
+        ``Generation.step_cache[name]`` (a list, prefill first), moved to ``cache_device`` (e.g. ``"cpu"``) when
+        given. ``generate_kwargs`` go to the wrapped model's ``generate`` (``max_new_tokens``, ``do_sample``, ...).
+        """
+        prepared = self.prepare_inputs(inputs, text=text, prompt=prompt)
+        step_cache: dict[str, list[Tensor]] = {}
+
+        def record(tensor: Tensor, hook: BoundHookPoint) -> None:
+            step_cache.setdefault(hook.name, []).append(tensor.detach().to(cache_device))
+
+        fwd_hooks = [(hp.name, record) for hp in self.resolve_names(cache_names)] if cache_names is not None else []
+        with self.hooks(fwd_hooks):
+            with self._taps(stop_early=False):
+                sequences = self.adapter.generate(prepared, **generate_kwargs)
+        n_prompt = self.adapter.prompt_length(prepared)
+        new_tokens = sequences[:, n_prompt:]
+        return Generation(sequences, new_tokens, self.adapter.decode(new_tokens), step_cache, prepared.layout)
 
     def __repr__(self) -> str:
         return (
