@@ -8,11 +8,20 @@ the meta device for shape checks.
 
 from hooked_vlm.testing.clip import clip_processor, clip_tokenizer, tiny_clip, tiny_open_clip
 from hooked_vlm.testing.images import half_and_half_image, sample_image
-from hooked_vlm.testing.meta import load_config, meta_model
+from hooked_vlm.testing.meta import build, config_names, load_config, meta_model
+
+#: name → factory returning ``(model, processor)``; ``hooked-vlm inspect tiny:NAME`` and the examples use these.
+TINY_MODELS = {
+    "clip": tiny_clip,
+    "open_clip": tiny_open_clip,
+}
 
 __all__ = [
+    "TINY_MODELS",
+    "build",
     "clip_processor",
     "clip_tokenizer",
+    "config_names",
     "half_and_half_image",
     "load_config",
     "meta_model",
