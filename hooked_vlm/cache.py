@@ -12,6 +12,65 @@ from torch import Tensor
 from hooked_vlm.layout import InputLayout, Selector
 
 
+HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k")  # [batch, pos, head, d_head]
+PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")  # [batch, head, query, key]
+QUERY_HEAD_HOOKS = ("hook_q", "hook_z", "hook_rot_q", *PATTERN_HOOKS)  # head axis counts query heads (GQA)
+
+
+def axes(name: str) -> tuple[int, int | None]:
+    """``(position axis, head axis or None)`` of a canonical hook's tensor; patterns index query positions."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in PATTERN_HOOKS:
+        return 2, 1
+    if leaf in HEAD_HOOKS:
+        return 1, 2
+    return 1, None
+
+
+class Slicer:
+    """Keeps only some positions (a selector over the input layout) and heads of cached activations.
+
+    Positions are taken on the sequence axis (the query axis of patterns); heads on the head axis of hooks that
+    index query heads. Hooks without a per-position layout (pooled embeddings) are kept whole.
+    """
+
+    def __init__(self, layout: InputLayout, positions: Selector | None, heads: list[int] | None):
+        self.layout, self.positions, self.heads = layout, positions, heads
+        self._index: dict[str, Tensor | None] = {}
+
+    def __call__(self, name: str, tensor: Tensor) -> Tensor:
+        position_axis, head_axis = axes(name)
+        if self.heads is not None and head_axis is not None and name.rsplit(".", 1)[-1] in QUERY_HEAD_HOOKS:
+            tensor = tensor.index_select(head_axis, torch.as_tensor(self.heads, device=tensor.device))
+        if self.positions is None or tensor.dim() <= position_axis:
+            return tensor
+        index = self._position_index(name)
+        if index is None:
+            return tensor
+        index = index.to(tensor.device)
+        shape = [1] * tensor.dim()
+        shape[0], shape[position_axis] = index.shape
+        expanded = index.view(shape).expand(*[n if i != position_axis else index.shape[1] for i, n in enumerate(tensor.shape)])
+        return tensor.gather(position_axis, expanded)
+
+    def _position_index(self, name: str) -> Tensor | None:
+        try:
+            tower = self.layout.tower_for(name)
+        except KeyError:
+            return None
+        key = id(tower)
+        if key not in self._index:
+            mask = tower.mask(self.positions, self.layout)
+            counts = mask.sum(1)
+            if (counts != counts[0]).any():
+                raise ValueError(
+                    f"the position selector picks {counts.tolist()} positions in the rows of {name!r}'s sequence; "
+                    "positions can only be cached for selections of equal size per row (run rows one at a time)"
+                )
+            self._index[key] = mask.nonzero()[:, 1].view(mask.shape[0], -1)
+        return self._index[key]
+
+
 def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 
 from hooked_vlm.adapter import ADAPTERS, Adapter, Prepared
-from hooked_vlm.cache import ActivationCache
+from hooked_vlm.cache import ActivationCache, Slicer
+from hooked_vlm.layout import Selector
 from hooked_vlm.taps import BoundHookPoint, InputTap, OutputTap, Run, StopForward, install_taps, remove_all
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -270,6 +271,8 @@ class HookedVLM(HookedRootModule):
         incl_bwd: bool = False,
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
+        positions: Selector | None = None,
+        heads: Sequence[int] | None = None,
         text: Any = None,
         prompt: Any = None,
         **kwargs: Any,
@@ -279,14 +282,19 @@ class HookedVLM(HookedRootModule):
         With ``stop_early`` (default) and an explicit ``names_filter``, the forward stops as soon as every hook
         point with hooks attached has fired, and the returned output is ``None``. ``device`` / ``dtype`` say where
         and in which dtype cached tensors are kept. ``incl_bwd`` backpropagates from the (scalar) output and
-        caches gradients under ``<name>_grad``.
+        caches gradients under ``<name>_grad``. ``positions`` (a selector: ``"image"``, ``"patches"``, a patch mask,
+        ...) keeps only those positions of every cached hook (the query axis of patterns) and ``heads`` only those
+        query heads, so e.g. a long prompt's LM patterns fit in memory.
         """
         hook_points = self.resolve_names(names_filter)
         prepared = self.prepare_inputs(inputs, text=text, prompt=prompt, **kwargs)
         cache: dict[str, Tensor] = {}
+        sliced = Slicer(prepared.layout, positions, list(heads) if heads is not None else None)
 
         def save(tensor: Tensor, hook: BoundHookPoint, suffix: str = "") -> None:
             keep_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
+            if positions is not None or heads is not None:
+                tensor = sliced(hook.name, tensor)
             cache[hook.name + suffix] = tensor.detach().to(device=device, dtype=keep_dtype)
 
         fwd_hooks = [(hp.name, save) for hp in hook_points]
