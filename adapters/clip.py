@@ -15,6 +15,7 @@ pattern request switches only that layer away from sdpa, for that run.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -127,7 +128,7 @@ class CLIPAdapter(Adapter):
             raise TypeError(f"{type(self.model).__name__} has no text tower; text needs a CLIPModel")
         if "pixel_values" not in model_kwargs and "input_ids" not in model_kwargs:
             raise ValueError("nothing to run: pass images (or pixel_values) and/or text=[...]")
-        return Prepared(to_model(model_kwargs, self.model), self._layout(model_kwargs))
+        return Prepared(to_model(model_kwargs, self.model), partial(self._layout, model_kwargs))
 
     def _processor(self, what: str):
         if self.processor is None:
@@ -162,6 +163,15 @@ class CLIPAdapter(Adapter):
         if isinstance(model, CLIPVisionModelWithProjection):
             return model(**kwargs).image_embeds
         return model(**kwargs).pooler_output
+
+    def example_inputs(self) -> dict[str, Any]:
+        size = self._vision_config.image_size
+        inputs: dict[str, Any] = {"pixel_values": torch.zeros(1, 3, size, size)}
+        if isinstance(self.model, CLIPModel):
+            # No attention_mask: with one, the causal-mask helper reads its values, which a meta model cannot.
+            length = self.model.config.text_config.max_position_embeddings
+            inputs["input_ids"] = torch.zeros(1, length, dtype=torch.long)
+        return inputs
 
     def describe(self) -> dict[str, Any]:
         config = self._vision_config

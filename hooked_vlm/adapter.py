@@ -7,7 +7,7 @@ built from images and text, and the :class:`~hooked_vlm.layout.InputLayout` of a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,12 +26,23 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-@dataclass
 class Prepared:
-    """Model inputs built from user inputs, and their layout."""
+    """Model inputs built from user inputs, and their layout.
 
-    kwargs: dict[str, Any]
-    layout: InputLayout
+    The layout may be given as a zero-argument function: it is built on first use, so a run that needs no
+    layout (no hooks, no position selection) does no work for it — CPU time before the first kernel launch is
+    time the GPU waits.
+    """
+
+    def __init__(self, kwargs: dict[str, Any], layout: InputLayout | Callable[[], InputLayout]):
+        self.kwargs = kwargs
+        self._layout = layout
+
+    @property
+    def layout(self) -> InputLayout:
+        if not isinstance(self._layout, InputLayout):
+            self._layout = self._layout()
+        return self._layout
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,15 @@ class Adapter:
     def describe(self) -> dict[str, Any]:
         """Structure facts for the Phase 0 report (projection, embeddings, token counts)."""
         return {}
+
+    def example_inputs(self) -> dict[str, Any] | None:
+        """Processor-style inputs of the checkpoint's real sizes, built from the config alone, or ``None``.
+
+        Small CPU tensors (no processor, no image file): :meth:`prepare` moves them to the model's device, and
+        layouts can read their values (e.g. image-token ids), so a model built on the meta device from a shipped
+        config runs one forward for real-size shapes (``hooked-vlm hooks config:NAME``).
+        """
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -34,8 +34,8 @@ class Slicer:
     index query heads. Hooks without a per-position layout (pooled embeddings) are kept whole.
     """
 
-    def __init__(self, layout: InputLayout, positions: Selector | None, heads: list[int] | None):
-        self.layout, self.positions, self.heads = layout, positions, heads
+    def __init__(self, prepared, positions: Selector | None, heads: list[int] | None):
+        self.prepared, self.positions, self.heads = prepared, positions, heads
         self._index: dict[str, Tensor | None] = {}
 
     def __call__(self, name: str, tensor: Tensor) -> Tensor:
@@ -54,13 +54,14 @@ class Slicer:
         return tensor.gather(position_axis, expanded)
 
     def _position_index(self, name: str) -> Tensor | None:
+        layout = self.prepared.layout
         try:
-            tower = self.layout.tower_for(name)
+            tower = layout.tower_for(name)
         except KeyError:
             return None
         key = id(tower)
         if key not in self._index:
-            mask = tower.mask(self.positions, self.layout)
+            mask = tower.mask(self.positions, layout)
             counts = mask.sum(1)
             if (counts != counts[0]).any():
                 raise ValueError(
@@ -82,9 +83,16 @@ class ActivationCache(Mapping[str, Tensor]):
     stacks a family over layers; ``cache.to_patch_grid(name)`` views image patches as ``[batch, rows, cols, ...]``.
     """
 
-    def __init__(self, cache_dict: dict[str, Tensor], layout: InputLayout | None = None):
+    def __init__(self, cache_dict: dict[str, Tensor], layout: InputLayout | Callable[[], InputLayout] | None = None):
         self.cache_dict = cache_dict
-        self.layout = layout
+        self._layout_source = layout
+
+    @property
+    def layout(self) -> InputLayout | None:
+        """Where every position came from (built on first use)."""
+        if callable(self._layout_source):
+            self._layout_source = self._layout_source()
+        return self._layout_source
 
     def __getitem__(self, name: str) -> Tensor:
         try:
@@ -111,7 +119,7 @@ class ActivationCache(Mapping[str, Tensor]):
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
 
-        return ActivationCache({k: move(v) for k, v in self.cache_dict.items()}, self.layout)
+        return ActivationCache({k: move(v) for k, v in self.cache_dict.items()}, self._layout_source)
 
     def names(self, pattern: str) -> list[str]:
         """Cached names matching a glob (``*`` matches any run of characters), in natural layer order."""

@@ -289,7 +289,7 @@ class HookedVLM(HookedRootModule):
         hook_points = self.resolve_names(names_filter)
         prepared = self.prepare_inputs(inputs, text=text, prompt=prompt, **kwargs)
         cache: dict[str, Tensor] = {}
-        sliced = Slicer(prepared.layout, positions, list(heads) if heads is not None else None)
+        sliced = Slicer(prepared, positions, list(heads) if heads is not None else None)
 
         def save(tensor: Tensor, hook: BoundHookPoint, suffix: str = "") -> None:
             keep_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
@@ -307,7 +307,7 @@ class HookedVLM(HookedRootModule):
                 if scalar is None or scalar.numel() != 1:
                     raise ValueError("incl_bwd=True needs a scalar model output; use run_with_hooks and a readout")
                 scalar.backward()
-        return output, ActivationCache(cache, prepared.layout)
+        return output, ActivationCache(cache, lambda: prepared.layout)
 
 
     def generate(

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run a command on a lent GPU machine (no network there): install the wheels carried in .whl/ into /tmp/site,
+# make the source tree importable without building it (hooked_vlm.adapters is the adapters/ folder), then run "$@".
+# Wheels: see doc/benchmarks.md ("Reproducing") for the pip download command that fills .whl/.
+set -eo pipefail
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+[ -e hooked_vlm/adapters ] || ln -s ../adapters hooked_vlm/adapters
+"$@"
