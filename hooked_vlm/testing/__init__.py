@@ -8,12 +8,16 @@ the meta device for shape checks.
 
 from hooked_vlm.testing.clip import clip_processor, clip_tokenizer, tiny_clip, tiny_open_clip
 from hooked_vlm.testing.images import half_and_half_image, sample_image
+from hooked_vlm.testing.llava_onevision import tiny_llava_onevision
 from hooked_vlm.testing.meta import build, config_names, load_config, meta_model
+from hooked_vlm.testing.qwen2_vl import tiny_qwen2_vl
 
 #: name → factory returning ``(model, processor)``; ``hooked-vlm inspect tiny:NAME`` and the examples use these.
 TINY_MODELS = {
     "clip": tiny_clip,
     "open_clip": tiny_open_clip,
+    "llava_onevision": tiny_llava_onevision,
+    "qwen2_vl": tiny_qwen2_vl,
 }
 
 __all__ = [
@@ -27,5 +31,7 @@ __all__ = [
     "meta_model",
     "sample_image",
     "tiny_clip",
+    "tiny_llava_onevision",
     "tiny_open_clip",
+    "tiny_qwen2_vl",
 ]

@@ -34,7 +34,8 @@ def build(name: str, model_class: str | None = None, device: str | torch.device 
     if data.get("library") == "open_clip":
         import open_clip
 
-        model = open_clip.create_model(data["model"], pretrained=None, device=device, **data.get("kwargs", {}))
+        with torch.device(device):  # build in place rather than on the CPU first
+            model = open_clip.create_model(data["model"], pretrained=None, device=device, **data.get("kwargs", {}))
     else:
         import transformers
         from transformers import CONFIG_MAPPING
