@@ -335,7 +335,7 @@ class OpenCLIPAdapter(Adapter):
             model_kwargs["input_ids"] = self._processor("text")[1]([text] if isinstance(text, str) else list(text))
         if not model_kwargs:
             raise ValueError("nothing to run: pass images (or pixel_values) and/or text=[...]")
-        return Prepared(to_model(model_kwargs, self.model), self._layout(model_kwargs))
+        return Prepared(to_model(model_kwargs, self.model), partial(self._layout, model_kwargs))
 
     def _check_token_ids(self, input_ids: Tensor) -> Tensor:
         # encode_text adds every row of positional_embedding and applies the full-size causal mask

@@ -1,0 +1,105 @@
+"""What every canonical hook name means, with its shape convention (DESIGN.md, "Canonical hook names").
+
+Per-block names are keyed by the part after ``{tower}.blocks.{i}.`` (``attn.hook_z``): they mean the same in
+``vision.blocks``, ``text.blocks`` and ``lm.blocks``. Tower- and model-level names are keyed by their full name
+(``vision.hook_out``, ``projector.hook_packed``, ``hook_image_embeds``). :func:`describe_hook` resolves any
+name, including module-path escape hatches (``hf.<module path>.hook_out``) and names a new adapter adds before
+they are written up here, to ``(shape convention, meaning)`` without raising.
+"""
+
+from __future__ import annotations
+
+import re
+
+RESID = "[batch, pos, d]"
+HEADS = "[batch, pos, head, d_head]"
+SCORES = "[batch, head, q_pos, k_pos]"
+MLP = "[batch, pos, d_mlp]"
+
+#: Per-block hooks, keyed by the part after ``{tower}.blocks.{i}.``.
+BLOCK_HOOKS: dict[str, tuple[str, str]] = {
+    "hook_resid_pre": (RESID, "block input (residual stream)"),
+    "ln1.hook_normalized": (RESID, "first norm output (the attention's input)"),
+    "attn.hook_q": (HEADS, "queries per head, before RoPE"),
+    "attn.hook_k": (HEADS, "keys per head, before RoPE (kv heads under GQA)"),
+    "attn.hook_v": (HEADS, "values per head (kv heads under GQA)"),
+    "attn.hook_rot_q": (HEADS, "queries after RoPE (models with RoPE)"),
+    "attn.hook_rot_k": (HEADS, "keys after RoPE (models with RoPE; kv heads under GQA)"),
+    "attn.hook_attn_scores": (SCORES, "attention scores: scaled and masked, before softmax"),
+    "attn.hook_pattern": (SCORES, "attention pattern: after softmax"),
+    "attn.hook_z": (HEADS, "per-head attention output, before the output projection"),
+    "hook_attn_out": (RESID, "attention output (after the output projection)"),
+    "hook_resid_mid": (RESID, "resid_pre + attn_out: the residual stream between attention and MLP"),
+    "ln2.hook_normalized": (RESID, "second norm output (the MLP's input)"),
+    "mlp.hook_pre": (MLP, "MLP pre-activation (the gate projection of a gated MLP)"),
+    "mlp.hook_pre_linear": (MLP, "up projection of a gated MLP (multiplied by the activated gate)"),
+    "mlp.hook_post": (MLP, "MLP post-activation (the down projection's input)"),
+    "hook_mlp_out": (RESID, "MLP output"),
+    "hook_resid_post": (RESID, "block output (residual stream)"),
+}
+
+#: Tower- and model-level hooks, keyed by their full name.
+MODEL_HOOKS: dict[str, tuple[str, str]] = {
+    "vision.hook_embed": (
+        "[batch, pos, d_vision]",
+        "patch + position embeddings, the vision blocks' input (CLS included where the model has one)",
+    ),
+    "vision.ln_pre.hook_normalized": ("[batch, pos, d_vision]", "norm applied to the embeddings before block 0 (CLIP)"),
+    "vision.hook_out": (
+        "[batch, d_vision] or [batch, pos, d_vision]",
+        "the feature the vision tower hands on: the normed CLS token (CLIP) or the patch features the projector reads (VLMs)",
+    ),
+    "projector.hook_in": ("[batch, pos, d_vision]", "projector input: the vision features it maps into the LM"),
+    "projector.ln.hook_normalized": ("[batch, pos, d_vision]", "projector norm output, before patches are merged (Qwen2-VL)"),
+    "projector.hook_merged": (
+        "[batch, pos / 4, 4 · d_vision]",
+        "each 2×2 window of patches concatenated into one vector (Qwen2-VL patch merger)",
+    ),
+    "projector.hook_pre": ("[batch, pos, d_hidden]", "projector MLP pre-activation (first linear layer's output)"),
+    "projector.hook_post": ("[batch, pos, d_hidden]", "projector MLP post-activation (second linear layer's input)"),
+    "projector.hook_out": ("[batch, pos, d_lm]", "projector output: one LM embedding per (merged) patch, before packing"),
+    "projector.hook_packed": (
+        "[batch, image_tokens, d_lm]",
+        "the rows written into the LM sequence at the image tokens (after tiling, unpadding, newlines)",
+    ),
+    "lm.hook_embed": ("[batch, seq, d_lm]", "LM input embeddings, with the image features merged in at the image tokens"),
+    "lm.ln_final.hook_normalized": ("[batch, seq, d_lm]", "LM final norm output (the unembedding's input)"),
+    "text.hook_embed": ("[batch, seq, d_text]", "token + position embeddings of the text tower"),
+    "text.ln_final.hook_normalized": ("[batch, seq, d_text]", "text tower final norm output"),
+    "hook_image_embeds": ("[batch, d_embed]", "image embedding: the pooled vision feature through the visual projection"),
+    "hook_text_embeds": ("[batch, d_embed]", "text embedding: the pooled text feature through the text projection"),
+}
+
+_BLOCK = re.compile(r"^(?P<tower>\w+)\.blocks\.(?P<index>\d+)\.(?P<suffix>.+)$")
+
+
+def block_parts(name: str) -> tuple[str, int, str] | None:
+    """``(tower, block index, suffix)`` of a per-block name (``vision.blocks.3.attn.hook_z``), else ``None``."""
+    match = _BLOCK.match(name)
+    return (match["tower"], int(match["index"]), match["suffix"]) if match else None
+
+
+def describe_hook(name: str) -> tuple[str, str]:
+    """``(shape convention, meaning)`` of a hook name, or of a bare per-block key (``attn.hook_z``).
+
+    Names nobody has described get a fallback, never an error.
+    """
+    block = block_parts(name)
+    key = block[2] if block is not None else name
+    if key in BLOCK_HOOKS:
+        return BLOCK_HOOKS[key]
+    if name in MODEL_HOOKS:
+        return MODEL_HOOKS[name]
+    # A tower-level stage built like a block part (``projector.mlp.hook_pre``) means what that part means.
+    prefix, _, local = name.partition(".")
+    if local in BLOCK_HOOKS:
+        shape, meaning = BLOCK_HOOKS[local]
+        return shape, f"{meaning} ({prefix})"
+    stem, _, last = name.rpartition(".")
+    if last == "hook_normalized":
+        return RESID, f"output of the norm {stem!r}"
+    if last == "hook_out":  # also the module-path escape hatch, ``<raw prefix>.<module path>.hook_out``
+        return "as the module returns it", f"output of {stem!r}"
+    if last == "hook_in":
+        return "as the module receives it", f"first input of {stem!r}"
+    return "?", "no description registered for this hook name (see the adapter that defines it)"

@@ -1,0 +1,273 @@
+"""Figures for reports and examples: how an image flows through a model, heatmaps over images, head grids.
+
+Every function draws on its own matplotlib ``Figure`` with the Agg canvas (no pyplot state: nothing leaks when
+called in a loop, nothing needs a display), saves it as a PNG at ``path`` and returns the figure. Figures are
+saved without ``bbox_inches="tight"``, so an axes' ``get_window_extent()`` is where it sits in the PNG.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyBboxPatch
+from PIL import Image
+from torch import Tensor
+
+from hooked_vlm.cache import ActivationCache
+from hooked_vlm.layout import Kind, TowerLayout
+from hooked_vlm.names import block_parts, describe_hook
+
+# ---------------------------------------------------------------------------------------------------------------
+# The image → embeddings flow.
+
+#: Hooks on CLIP's text path; the flow diagram follows the image.
+_TEXT_PATH = ("text.", "hook_text_embeds")
+
+_KIND_LABELS = {Kind.CLS: "CLS", Kind.PATCH: "patches", Kind.TEXT: "text", Kind.IMAGE: "image tokens", Kind.NEWLINE: "newlines"}
+
+_COLORS = {"input": "#eeeeee", "vision": "#d6e6f5", "projector": "#fbe3c8", "lm": "#d9efd5"}
+_OTHER_COLOR = "#ece1f3"
+
+
+@dataclass
+class Stage:
+    """One box of the flow diagram: a hook (or a stack of blocks), its real shape, and what it is."""
+
+    title: str
+    lines: list[str]
+    group: str  # colour: input, vision, projector, lm, or anything else
+
+
+def flow_stages(
+    model: Any, cache: ActivationCache, image: Image.Image | None = None, inputs: Mapping[str, Any] | None = None
+) -> list[Stage]:
+    """The stages an image passes through, in forward order, with the shapes ``cache`` recorded.
+
+    Generic over adapters: stages are the model's tower-level hooks present in ``cache``, each tower's blocks
+    collapsed into one stage described by ``adapter.towers()``, and, at the first stage of every token
+    sequence, what its positions are (from ``cache.layout``). ``inputs`` are the model inputs (their tensor
+    shapes are shown); CLIP's text path is left out.
+    """
+    stages: list[Stage] = []
+    first = [f"image {image.width}×{image.height} px"] if image is not None else []
+    first += [f"{key} {_shape(value)}" for key, value in (inputs or {}).items() if isinstance(value, Tensor)]
+    if first:
+        stages.append(Stage("input", first, "input"))
+    towers = {info.name: info for info in model.adapter.towers()}
+    described: list[TowerLayout] = []
+    block_stacks: set[str] = set()
+    for name in model.hook_names():
+        if name not in cache or name.startswith(_TEXT_PATH):
+            continue
+        block = block_parts(name)
+        if block is not None:
+            tower, _, suffix = block
+            if tower in block_stacks:
+                continue
+            block_stacks.add(tower)
+            stage = Stage(f"{tower} blocks", [], tower)
+            info = towers.get(tower)
+            if info is not None:
+                stage.title = f"{tower} blocks × {info.n_layers}"
+                kv = f" ({info.n_kv_heads} kv heads)" if info.n_kv_heads not in (None, info.n_heads) else ""
+                mlp = f", d_mlp {info.d_mlp}" if info.d_mlp else ""
+                stage.lines.append(f"d_model {info.d_model}, {info.n_heads} heads × d_head {info.d_head}{kv}{mlp}")
+            stage.lines.append(f"{suffix} {_shape(cache[name])}")
+        else:
+            group = name.split(".")[0] if "." in name else "output"
+            stage = Stage(name, [_shape(cache[name]), describe_hook(name)[1]], group)
+        sequence = _sequence_of(cache, name)
+        if sequence is not None and not any(sequence is seen for seen in described):
+            described.append(sequence)
+            stage.lines.insert(0, positions_summary(sequence))
+        stages.append(stage)
+    return stages
+
+
+def positions_summary(tower: TowerLayout) -> str:
+    """What the positions of one token sequence are, e.g. ``1 CLS + 256 patches = 257 positions; grid 16×16``.
+
+    Counts are those of batch row 0 (every row of a ViT batch, or tile, has the same layout).
+    """
+    kinds = tower.kind[0]
+    parts = [f"{int((kinds == kind).sum())} {label}" for kind, label in _KIND_LABELS.items() if (kinds == kind).any()]
+    text = f"{' + '.join(parts)} = {tower.shape[1]} positions"
+    if tower.shape[0] > 1:
+        text += f", × {tower.shape[0]} batch rows (images / tiles)"
+    grids = list(dict.fromkeys(tower.grids))
+    if grids:
+        text += "; grid " + ", ".join(f"{rows}×{cols}" for rows, cols in grids)
+    return text
+
+
+def _sequence_of(cache: ActivationCache, name: str) -> TowerLayout | None:
+    if cache.layout is None:
+        return None
+    try:
+        return cache.layout.tower_for(name)
+    except KeyError:  # a pooled or packed output: not one position per token of a sequence
+        return None
+
+
+def _shape(tensor: Tensor) -> str:
+    return str(list(tensor.shape))
+
+
+def flow_diagram(
+    model: Any,
+    cache: ActivationCache,
+    path: str | Path,
+    image: Image.Image | None = None,
+    inputs: Mapping[str, Any] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """A PNG of how an image becomes embeddings (and LM tokens): one box per :func:`flow_stages` stage with the
+    real shapes of one run, and the adapter's structure facts (``adapter.describe()``) beside it."""
+    stages = flow_stages(model, cache, image, inputs)
+    if not stages:
+        raise ValueError("the cache holds none of the model's image-path hooks; run the model on an image first")
+    for stage in stages:
+        stage.lines = [wrapped for line in stage.lines for wrapped in textwrap.wrap(line, 92)]
+    heights = [0.42 + 0.17 * len(stage.lines) for stage in stages]  # inches
+    gap = 0.32
+    total = sum(heights) + gap * (len(stages) - 1)
+    fig = Figure(figsize=(13, total + 0.9))
+    flow = fig.add_axes((0.01, 0.2 / (total + 0.9), 0.6, total / (total + 0.9)))
+    flow.set_xlim(0, 1)
+    flow.set_ylim(total, 0)  # inches from the top
+    flow.axis("off")
+    top = 0.0
+    for i, (stage, height) in enumerate(zip(stages, heights, strict=True)):
+        color = _COLORS.get(stage.group, _OTHER_COLOR)
+        flow.add_patch(
+            FancyBboxPatch((0.03, top), 0.94, height, boxstyle="round,pad=0,rounding_size=0.08", fc=color, ec="0.35")
+        )
+        flow.text(0.5, top + 0.2, stage.title, ha="center", va="center", fontsize=10.5, weight="bold")
+        flow.text(0.5, top + 0.33, "\n".join(stage.lines), ha="center", va="top", fontsize=8.5, linespacing=1.35)
+        if i < len(stages) - 1:
+            bottom = top + height
+            flow.annotate("", xy=(0.5, bottom + gap), xytext=(0.5, bottom), arrowprops=dict(arrowstyle="-|>", color="0.3"))
+        top += height + gap
+
+    adapter = model.adapter
+    facts = [f"family: {adapter.family} ({type(adapter.model).__name__})"]
+    facts += [f"{key}: {value}" for key, value in adapter.describe().items()]
+    facts += [
+        f"{t.name}: {t.n_layers} blocks, d {t.d_model}, {t.n_heads} heads × {t.d_head}"
+        + (f", {t.n_kv_heads} kv heads" if t.n_kv_heads else "")
+        for t in adapter.towers()
+    ]
+    side = fig.add_axes((0.64, 0.02, 0.35, 0.9))
+    side.axis("off")
+    text = "\n".join(textwrap.fill(fact, 52, subsequent_indent="  ") for fact in facts)
+    side.text(0, 1, "structure\n\n" + text, va="top", fontsize=9, family="monospace")
+    fig.suptitle(title or f"{adapter.family}: image → embeddings", fontsize=13, y=1 - 0.15 / (total + 0.9))
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Heatmaps over images and over [layer, head].
+
+
+def patch_heatmap(
+    image: Image.Image | np.ndarray,
+    values: Tensor | np.ndarray,
+    path: str | Path,
+    title: str | None = None,
+    label: str | None = None,
+    cmap: str = "inferno",
+    alpha: float = 0.6,
+) -> Figure:
+    """``values[rows, cols]`` (one per patch, row 0 at the top) drawn over ``image``, stretched to its size.
+
+    Pass the image as the model saw it (e.g. the centre crop a CLIP processor keeps), so that patch (r, c)
+    lands on the pixels it came from. Get the grid from a cache with ``cache.layout.image_grid(name, tensor)``.
+    """
+    grid = _numpy(values)
+    if grid.ndim != 2:
+        raise ValueError(
+            f"values must be a [rows, cols] grid, got shape {grid.shape}; cache.layout.image_grid(name, tensor) "
+            "turns a [batch, pos] activation into one"
+        )
+    picture = np.asarray(image)
+    height, width = picture.shape[:2]
+    fig = Figure(figsize=(6.0, max(2.5, min(10.0, 5.0 * height / width)) + 0.6), layout="constrained")
+    ax = fig.add_subplot()
+    extent = (0, width, height, 0)  # (left, right, bottom, top): row 0 of both arrays at the top
+    ax.imshow(picture, extent=extent)
+    heat = ax.imshow(grid, extent=extent, cmap=cmap, alpha=alpha, interpolation="nearest")
+    ax.set_axis_off()
+    fig.colorbar(heat, ax=ax, shrink=0.85, label=label)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def attention_map(
+    image: Image.Image | np.ndarray,
+    pattern: Tensor | np.ndarray,
+    path: str | Path,
+    grid: tuple[int, int] | None = None,
+    title: str = "attention",
+) -> Figure:
+    """Attention from one query to every patch, over the image: ``pattern`` is ``[rows * cols]`` (row-major,
+    patches only, e.g. ``cache[...hook_pattern][0, head, 0, 1:]`` for CLS → patches) or a ``[rows, cols]`` grid.
+
+    A flat pattern is arranged as ``grid`` (rows, cols), square if ``grid`` is not given.
+    """
+    weights = _numpy(pattern)
+    if weights.ndim == 1:
+        if grid is None:
+            side = int(round(weights.size**0.5))
+            if side * side != weights.size:
+                raise ValueError(f"{weights.size} weights do not form a square grid; pass grid=(rows, cols)")
+            grid = (side, side)
+        if grid[0] * grid[1] != weights.size:
+            raise ValueError(f"{weights.size} weights do not fill a {grid[0]}×{grid[1]} grid")
+        weights = weights.reshape(grid)
+    return patch_heatmap(image, weights, path, title=title, label="attention weight", cmap="viridis")
+
+
+def head_grid(
+    values: Tensor | np.ndarray, path: str | Path, title: str | None = None, label: str | None = None, cmap: str = "viridis"
+) -> Figure:
+    """``values[layer, head]`` as a grid: layer 0 at the top, head 0 on the left, each cell labelled if few."""
+    grid = _numpy(values)
+    if grid.ndim != 2:
+        raise ValueError(f"values must be [layer, head], got shape {grid.shape}")
+    layers, heads = grid.shape
+    fig = Figure(figsize=(min(16.0, 2.0 + 0.55 * heads), min(14.0, 1.4 + 0.4 * layers)), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap=cmap, aspect="auto", interpolation="nearest")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(heads))
+    ax.set_yticks(range(layers))
+    if layers * heads <= 400:
+        middle = (np.nanmax(grid) + np.nanmin(grid)) / 2
+        for (layer, head), value in np.ndenumerate(grid):
+            ax.text(head, layer, f"{value:.2g}", ha="center", va="center", fontsize=7,
+                    color="black" if value > middle else "white")
+    fig.colorbar(image, ax=ax, label=label)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def _numpy(values: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(values, Tensor):
+        return values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=float)
+
+
+def _save(fig: Figure, path: str | Path) -> Figure:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return fig
