@@ -36,7 +36,8 @@ class Slicer:
 
     def __init__(self, prepared, positions: Selector | None, heads: list[int] | None):
         self.prepared, self.positions, self.heads = prepared, positions, heads
-        self._index: dict[str, Tensor | None] = {}
+        self._index: dict[int, Tensor] = {}
+        self._sequence_length: dict[str, int] = {}
 
     def __call__(self, name: str, tensor: Tensor) -> Tensor:
         position_axis, head_axis = axes(name)
@@ -45,8 +46,8 @@ class Slicer:
         if self.positions is None or tensor.dim() <= position_axis:
             return tensor
         index = self._position_index(name)
-        if index is None:
-            return tensor
+        if index is None or tensor.shape[position_axis] != self._sequence_length[name]:
+            return tensor  # no per-position layout (pooled embeddings): kept whole
         index = index.to(tensor.device)
         shape = [1] * tensor.dim()
         shape[0], shape[position_axis] = index.shape
@@ -59,6 +60,7 @@ class Slicer:
             tower = layout.tower_for(name)
         except KeyError:
             return None
+        self._sequence_length[name] = tower.shape[1]
         key = id(tower)
         if key not in self._index:
             mask = tower.mask(self.positions, layout)

@@ -69,7 +69,11 @@ class TowerLayout:
                     f"unknown position selector {selector!r}; expected one of "
                     f"{['all', *sorted(_NAMED)]}, a [rows, cols] bool patch mask, or a callable over the layout"
                 )
-            return torch.isin(self.kind, torch.tensor(_NAMED[selector]))
+            picked = torch.isin(self.kind, torch.tensor(_NAMED[selector]))
+            if not picked.any():
+                present = sorted(Kind(k).name.lower() for k in self.kind.unique().tolist())
+                raise ValueError(f"selector {selector!r} matches no position of this sequence (it has: {present})")
+            return picked
         if isinstance(selector, Tensor):
             if selector.dtype != torch.bool or selector.dim() != 2:
                 raise ValueError(
@@ -125,15 +129,17 @@ class InputLayout:
     """The layout of one model input: a :class:`TowerLayout` per tower, and which tower each hook reads."""
 
     towers: dict[str, TowerLayout]
-    #: hook-name prefix → tower key (e.g. ``"projector"`` → ``"vision"`` when the projector runs per patch)
+    #: hook-name prefix → tower key (e.g. ``"projector"`` → ``"vision"`` when the projector runs per patch);
+    #: a dotted prefix (``"projector.hook_packed"``) overrides a shorter one, the longest match wins
     tower_of_prefix: dict[str, str] = field(default_factory=dict)
 
     def __getitem__(self, tower: str) -> TowerLayout:
         return self.towers[tower]
 
     def tower_for(self, hook_name: str) -> TowerLayout:
-        prefix = hook_name.split(".", 1)[0]
-        key = self.tower_of_prefix.get(prefix, prefix)
+        parts = hook_name.split(".")
+        prefixes = (".".join(parts[:n]) for n in range(len(parts), 0, -1))
+        key = next((self.tower_of_prefix[p] for p in prefixes if p in self.tower_of_prefix), parts[0])
         if key not in self.towers:
             raise KeyError(f"hook {hook_name!r} has no per-position layout (towers: {sorted(self.towers)})")
         return self.towers[key]
