@@ -61,6 +61,8 @@ QWEN2_BLOCK = BlockPaths(
 VISION = "model.vision_tower"
 PROJECTOR = "model.multi_modal_projector"
 LM = "model.language_model"
+#: the projector runs per tile, like the vision tower; its packed output is a sequence of its own
+TOWER_OF_PREFIX = {"projector": "vision", "projector.hook_packed": "packed"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,6 +299,9 @@ class LlavaOnevisionAdapter(Adapter):
             ),
         ]
 
+    def tower_of_prefix(self) -> dict[str, str]:
+        return dict(TOWER_OF_PREFIX)
+
     def hook_map(self) -> dict[str, Tap]:
         vision, lm = self.towers()
         hooks: dict[str, Tap] = {"vision.hook_embed": OutputTap(f"{VISION}.embeddings")}
@@ -315,13 +320,12 @@ class LlavaOnevisionAdapter(Adapter):
         return hooks
 
     def _feature_tap(self, n_layers: int) -> Tap:
-        """``vision.hook_out``: the hidden state ``vision_feature_layer`` selects (``hidden_states[i]`` is the
-        input of layer ``i``, i.e. the output of layer ``i - 1``, and ``hidden_states[0]`` the embeddings)."""
+        """``vision.hook_out``: the hidden state ``vision_feature_layer`` selects; ``hidden_states[i]`` (i ≥ 1) is
+        the output of layer ``i - 1`` (an int 0 is no choice: transformers then records no hidden state at all)."""
         layer = self.config.vision_feature_layer
         if not isinstance(layer, int):  # several layers concatenated on channels: only the projector sees that
             return InputTap(PROJECTOR)
-        index = layer % (n_layers + 1)
-        return OutputTap(f"{VISION}.embeddings" if index == 0 else f"{VISION}.encoder.layers.{index - 1}")
+        return OutputTap(f"{VISION}.encoder.layers.{layer % (n_layers + 1) - 1}")
 
     # ---- inputs -----------------------------------------------------------------------------------------------------
     def prepare(self, inputs: Any, *, text: Any = None, prompt: Any = None, **kwargs) -> Prepared:
@@ -467,9 +471,7 @@ class LlavaOnevisionAdapter(Adapter):
         input_ids = model_kwargs["input_ids"].cpu()
         attention_mask = model_kwargs.get("attention_mask")
         lm = text_tower(attention_mask if attention_mask is not None else torch.ones_like(input_ids))
-        layout = LlavaOnevisionLayout(
-            {"lm": lm}, tower_of_prefix={"projector": "vision", "projector.hook_packed": "packed"}
-        )
+        layout = LlavaOnevisionLayout({"lm": lm}, tower_of_prefix=dict(TOWER_OF_PREFIX))
         if model_kwargs.get("pixel_values") is None:
             return layout
         batch_num_images = model_kwargs.get("batch_num_images")
