@@ -164,6 +164,19 @@ class CLIPAdapter(Adapter):
             return model(**kwargs).image_embeds
         return model(**kwargs).pooler_output
 
+    def tower_forward(self, tower: str, prepared: Prepared) -> Any:
+        if tower != "vision":
+            return super().tower_forward(tower, prepared)
+        vision = self.model if isinstance(self.model, CLIPVisionModel) else self.model.vision_model
+        return vision(pixel_values=prepared.kwargs["pixel_values"])
+
+    def block_list(self, tower: str) -> str:
+        if tower == "vision":
+            return f"{self._vision_root}encoder.layers"
+        if tower == "text" and isinstance(self.model, CLIPModel):
+            return "text_model.encoder.layers"
+        return super().block_list(tower)
+
     def example_inputs(self) -> dict[str, Any]:
         size = self._vision_config.image_size
         inputs: dict[str, Any] = {"pixel_values": torch.zeros(1, 3, size, size)}

@@ -367,6 +367,14 @@ class OpenCLIPAdapter(Adapter):
             towers["text"] = text_tower(real.flip(-1).cumsum(-1).flip(-1) > 0)
         return InputLayout(towers)
 
+    def tower_forward(self, tower: str, prepared: Prepared) -> Any:
+        if tower != "vision":
+            return super().tower_forward(tower, prepared)
+        return self.model.visual(prepared.kwargs["pixel_values"])
+
+    def block_list(self, tower: str) -> str:
+        return {"vision": "visual.transformer.resblocks", "text": "transformer.resblocks"}.get(tower) or super().block_list(tower)
+
     def forward(self, prepared: Prepared) -> Tensor:
         """Image embeddings, text embeddings, or with both the image-text logits ``[images, texts]``."""
         image, text = prepared.kwargs.get("pixel_values"), prepared.kwargs.get("input_ids")

@@ -125,6 +125,14 @@ class Adapter:
         """Structure facts for the Phase 0 report (projection, embeddings, token counts)."""
         return {}
 
+    def tower_forward(self, tower: str, prepared: Prepared) -> Any:
+        """Run only ``tower`` on prepared inputs, for harvests that need nothing after it (compiled harvests)."""
+        raise NotImplementedError(f"{self.family}: running the {tower!r} tower alone is not supported")
+
+    def block_list(self, tower: str) -> str:
+        """Module path of the ``nn.ModuleList`` holding ``tower``'s blocks, in forward order."""
+        raise NotImplementedError(f"{self.family}: no block list for the {tower!r} tower")
+
     def example_inputs(self) -> dict[str, Any] | None:
         """Processor-style inputs of the checkpoint's real sizes, built from the config alone, or ``None``.
 

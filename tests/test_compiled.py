@@ -1,0 +1,59 @@
+"""Compiled harvest: truncated, compiled tower forward with the taps inside, against run_with_cache."""
+
+import pytest
+import torch
+
+from hooked_vlm import HookedVLM
+from hooked_vlm.compiled import CompiledHarvest
+from hooked_vlm.testing import sample_image, tiny_clip, tiny_open_clip
+
+NAMES = ["vision.blocks.0.hook_resid_post", "vision.blocks.0.attn.hook_z", "vision.blocks.0.mlp.hook_post"]
+
+
+def blocks_of(raw):
+    return raw.vision_model.encoder.layers if hasattr(raw, "vision_model") else raw.visual.transformer.resblocks
+
+
+@pytest.mark.parametrize("factory", [tiny_clip, tiny_open_clip])
+def test_compiled_harvest_equals_run_with_cache_and_restores(factory, hook_counts):
+    raw, processor = factory()
+    model = HookedVLM.from_hf(raw, processor)
+    images = [sample_image(seed=i) for i in range(3)]
+    before = hook_counts(raw)
+    with torch.no_grad():
+        _, reference = model.run_with_cache(images, names_filter=NAMES)
+        _, reference_two = model.run_with_cache(images[:2], names_filter=NAMES)
+    ran = []
+    probe = blocks_of(raw)[1].register_forward_pre_hook(lambda m, a: ran.append(1))  # the block after the last hook
+    try:
+        with CompiledHarvest(model, NAMES, compile_kwargs={"backend": "eager", "mode": None}) as harvest:
+            assert len(blocks_of(raw)) == 1  # truncated after block 0
+            first, second = harvest(images), harvest(images[:2], positions="patches")
+    finally:
+        probe.remove()
+    assert ran == []
+    for name in NAMES:
+        assert torch.equal(first[name], reference[name])
+    assert torch.equal(second[NAMES[0]], reference_two[NAMES[0]][:, 1:])
+    assert len(blocks_of(raw)) == 2 and hook_counts(raw) == before
+    assert not any(hp.has_hooks() for hp in model.hook_dict.values())
+
+
+def test_compiled_harvest_with_inductor_matches():
+    raw, processor = tiny_clip()
+    model = HookedVLM.from_hf(raw, processor)
+    images = [sample_image(seed=i) for i in range(2)]
+    with torch.no_grad():
+        _, reference = model.run_with_cache(images, names_filter=NAMES[0])
+    with CompiledHarvest(model, NAMES[:1], compile_kwargs={"mode": "default"}) as harvest:
+        out = harvest(images)[NAMES[0]]
+    torch.testing.assert_close(out, reference[NAMES[0]], atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_harvest_refuses_two_towers_and_use_outside_with():
+    raw, processor = tiny_clip()
+    model = HookedVLM.from_hf(raw, processor)
+    with pytest.raises(ValueError, match="one tower"):
+        CompiledHarvest(model, ["vision.blocks.0.hook_resid_post", "text.blocks.0.hook_resid_post"])
+    with pytest.raises(RuntimeError, match="context manager"):
+        CompiledHarvest(model, NAMES)(sample_image())
