@@ -123,7 +123,7 @@ class KeywordInputTap(Tap):
                 return args, {**kwargs, keyword: new}
             return None
 
-        return [root.get_submodule(self.module).register_forward_pre_hook(hook, with_kwargs=True)]
+        return [root.get_submodule(self.module).register_forward_pre_hook(hook, with_kwargs=True, prepend=True)]
 
     def describe(self) -> str:
         return f"{self.module} → input {self.keyword}"

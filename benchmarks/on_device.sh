@@ -8,4 +8,6 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 [ -e hooked_vlm/adapters ] || ln -s ../adapters hooked_vlm/adapters
+# sae_lens imports wandb at module level; the machine has none and no network (see device_stubs/wandb)
+python3 -c "import wandb" 2>/dev/null || export PYTHONPATH=$PYTHONPATH:$PWD/benchmarks/device_stubs
 "$@"

@@ -117,8 +117,10 @@ class Adapter:
         """Number of prompt positions at the start of the generated sequences."""
         return prepared.kwargs["input_ids"].shape[1]
 
-    def decode(self, token_ids: torch.Tensor) -> list[str]:
-        """Token ids decoded by the checkpoint's processor."""
+    def decode(self, token_ids: torch.Tensor) -> list[str] | None:
+        """Token ids decoded by the checkpoint's processor (``None`` for a model wrapped without one)."""
+        if self.processor is None:
+            return None
         return self.processor.batch_decode(token_ids, skip_special_tokens=True)
 
     def describe(self) -> dict[str, Any]:

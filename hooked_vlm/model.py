@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
+import re
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,10 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
 
 from hooked_vlm.adapter import ADAPTERS, Adapter, Prepared
 from hooked_vlm.cache import ActivationCache, Slicer
 from hooked_vlm.layout import Selector
+from hooked_vlm.sae.splice import SAEHooksMixin
 from hooked_vlm.taps import BoundHookPoint, InputTap, OutputTap, Run, StopForward, install_taps, remove_all
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -36,7 +40,7 @@ class Generation:
 
     sequences: Tensor  # [batch, prompt + new] token ids, as the wrapped model's generate returns them
     new_tokens: Tensor  # [batch, new]
-    text: list[str]  # the new tokens decoded by the checkpoint's processor
+    text: list[str] | None  # the new tokens decoded by the checkpoint's processor (None without one)
     step_cache: dict[str, list[Tensor]] = field(default_factory=dict)  # hook name → one tensor per forward step
     layout: Any = None  # the prompt's InputLayout
 
@@ -57,7 +61,7 @@ def check_device(device: Any, explicit: bool) -> None:
         )
 
 
-class HookedVLM(HookedRootModule):
+class HookedVLM(SAEHooksMixin, HookedRootModule):
     """A vision(-language) model whose every part exposes transformer_lens ``HookPoint``s under canonical names.
 
     The wrapped model runs unmodified; hook points are bound to its module boundaries and installed as PyTorch
@@ -75,6 +79,9 @@ class HookedVLM(HookedRootModule):
         self.add_module(adapter.raw_prefix, adapter.model)
         self._armed: set[BoundHookPoint] = set()
         self._n_hook_points = 0
+        #: the prepared inputs of the run in progress (None between runs): hooks that act on chosen positions
+        #: (steering) resolve their selectors against its layout
+        self.current_inputs: Prepared | None = None
         for name, tap in adapter.hook_map().items():
             self._place(name, self._new_hook_point(tap))
         self.setup()
@@ -146,20 +153,30 @@ class HookedVLM(HookedRootModule):
         node.add_module(leaf, hook_point)
 
     def setup(self) -> None:
-        """Index the hook-name tree (not the wrapped model, whose modules keep their own attributes)."""
-        self.mod_dict = {}
-        self.hook_dict = {}
+        """Index the hook-name tree (not the wrapped model, whose modules keep their own attributes).
+
+        The hook points of a module spliced in at a hook point (an SAE's ``hook_sae_acts_post``, ...) are indexed
+        as its children, right after it in forward order; module-path hook points made so far are kept.
+        """
         raw = self.adapter.raw_prefix
+        escape_hatches = [hp for name, hp in getattr(self, "hook_dict", {}).items() if name.startswith(raw + ".")]
+        self.mod_dict = {}
+        points: list[tuple[tuple[int, int], str, HookPoint]] = []
         stack: list[tuple[str, nn.Module]] = [(n, m) for n, m in self._modules.items() if n != raw]
+        stack += [(hp.name, hp) for hp in escape_hatches if isinstance(hp, BoundHookPoint)]
         while stack:
             name, module = stack.pop()
             module.name = name
             self.mod_dict[name] = module
             if isinstance(module, BoundHookPoint):
-                self.hook_dict[name] = module
+                points.append(((module.order, 0), name, module))
+                for i, (child, hp) in enumerate(module.child_hook_points().items(), start=1):
+                    hp.name = f"{name}.{child}"
+                    self.mod_dict[hp.name] = hp
+                    points.append(((module.order, i), hp.name, hp))
             else:
                 stack.extend((f"{name}.{n}", m) for n, m in module._modules.items())
-        self.hook_dict = dict(sorted(self.hook_dict.items(), key=lambda item: item[1].order))
+        self.hook_dict = {name: hp for _, name, hp in sorted(points, key=lambda point: point[0])}
 
     @property
     def raw_model(self) -> nn.Module:
@@ -168,7 +185,8 @@ class HookedVLM(HookedRootModule):
 
     def hook_names(self, pattern: str = "*") -> list[str]:
         """Canonical hook names matching a glob pattern, in forward order (``"vision.blocks.*.hook_resid_post"``)."""
-        return [n for n in self.hook_dict if fnmatch.fnmatchcase(n, pattern)]
+        match = _glob(pattern)
+        return [n for n in self.hook_dict if match(n)]
 
     def hook_point(self, name: str) -> BoundHookPoint:
         """The hook point called ``name``: a canonical name, or ``<raw prefix>.<module path>.hook_out|hook_in``."""
@@ -218,6 +236,13 @@ class HookedVLM(HookedRootModule):
         for hp in self.resolve_names(name if callable(name) else [name]):
             self.check_and_add_hook(hp, hp.name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
+    def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None) -> None:
+        # TransformerLens visits every hook point; a VLM has ~1000, and removing from one without hooks still costs
+        # attribute writes, paid at the end of every run_with_cache / run_with_hooks. Visit only those with hooks.
+        for hp in self.hook_points():
+            if hp.fwd_hooks or hp.bwd_hooks:
+                hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
     def _enable_hook(self, name, hook, dir) -> None:
         for hp in self.resolve_names(name if callable(name) else [name]):
             hp.add_hook(hook, dir=dir, level=self.context_level)
@@ -234,7 +259,7 @@ class HookedVLM(HookedRootModule):
         return self._execute(self.prepare_inputs(inputs, text=text, prompt=prompt, **kwargs), stop_early=False)
 
     def _live_hook_points(self) -> list[BoundHookPoint]:
-        live = [hp for hp in self._armed if hp.has_any_hook()]
+        live = [hp for hp in self._armed if hp.is_live()]
         if len(live) != len(self._armed):
             self._armed.intersection_update(live)
         return live
@@ -246,16 +271,27 @@ class HookedVLM(HookedRootModule):
         if not live:
             yield
             return
-        run = Run(live, stop_early)
+        # a splice without hooks runs wherever the forward goes, but an early stop need not wait for it
+        waited = [hp for hp in live if hp.has_any_hook()]
+        run = Run(waited, stop_early and bool(waited))
         handles = install_taps(self.raw_model, live, run)
         try:
             yield
         finally:
             remove_all(handles)
 
+    @contextmanager
+    def _running(self, prepared: Prepared):
+        """Expose ``prepared`` as :attr:`current_inputs` while a run is in progress."""
+        outer, self.current_inputs = self.current_inputs, prepared
+        try:
+            yield
+        finally:
+            self.current_inputs = outer
+
     def _execute(self, prepared: Prepared, stop_early: bool) -> Any:
         try:
-            with self._taps(stop_early):
+            with self._running(prepared), self._taps(stop_early):
                 return self.adapter.forward(prepared)
         except StopForward:
             return None
@@ -292,10 +328,13 @@ class HookedVLM(HookedRootModule):
         sliced = Slicer(prepared, positions, list(heads) if heads is not None else None)
 
         def save(tensor: Tensor, hook: BoundHookPoint, suffix: str = "") -> None:
-            keep_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
             if positions is not None or heads is not None:
                 tensor = sliced(hook.name, tensor)
-            cache[hook.name + suffix] = tensor.detach().to(device=device, dtype=keep_dtype)
+            tensor = tensor.detach()
+            if device is not None or dtype is not None:
+                keep_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
+                tensor = tensor.to(device=device, dtype=keep_dtype)
+            cache[hook.name + suffix] = tensor
 
         fwd_hooks = [(hp.name, save) for hp in hook_points]
         bwd_hooks = [(hp.name, lambda t, hook: save(t, hook, "_grad")) for hp in hook_points] if incl_bwd else []
@@ -334,7 +373,7 @@ class HookedVLM(HookedRootModule):
 
         fwd_hooks = [(hp.name, record) for hp in self.resolve_names(cache_names)] if cache_names is not None else []
         with self.hooks(fwd_hooks):
-            with self._taps(stop_early=False):
+            with self._running(prepared), self._taps(stop_early=False):
                 sequences = self.adapter.generate(prepared, **generate_kwargs)
         n_prompt = self.adapter.prompt_length(prepared)
         new_tokens = sequences[:, n_prompt:]
@@ -345,6 +384,12 @@ class HookedVLM(HookedRootModule):
             f"HookedVLM({self.adapter.family}: {type(self.raw_model).__name__}, "
             f"{len(self.hook_names())} hook points)"
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _glob(pattern: str) -> Callable[[str], Any]:
+    """A compiled matcher for a glob pattern (``fnmatchcase`` recompiles per name: slow over ~1000 hook names)."""
+    return re.compile(fnmatch.translate(pattern)).match
 
 
 def _load_config(name_or_path: str, hf_kwargs: dict[str, Any]):

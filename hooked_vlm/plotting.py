@@ -271,3 +271,154 @@ def _save(fig: Figure, path: str | Path) -> Figure:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Phase 2: patching, knockout and logit-lens figures.
+
+
+def _value_scale(data: np.ndarray, cmap: str | None) -> tuple[str, float | None, float | None]:
+    """A colormap and limits: diverging and centred on 0 for signed data (patching effects), else sequential."""
+    finite = data[np.isfinite(data)]
+    if cmap is not None or finite.size == 0 or finite.min() >= 0:
+        return cmap or "viridis", None, None
+    bound = float(np.abs(finite).max()) or 1.0
+    return "RdBu_r", -bound, bound
+
+
+def layer_position_grid(
+    values: Tensor | np.ndarray,
+    path: str | Path,
+    layer_labels: list[str],
+    position_labels: list[str],
+    title: str | None = None,
+    label: str | None = None,
+    ylabel: str = "layer",
+    xlabel: str = "position",
+    cmap: str | None = None,
+) -> Figure:
+    """``values[layer, position]`` as a grid (layer 0 at the top); signed values get a diverging map centred on 0."""
+    grid = _numpy(values)
+    if grid.shape != (len(layer_labels), len(position_labels)):
+        raise ValueError(f"values {grid.shape} do not match {len(layer_labels)} layer and {len(position_labels)} position labels")
+    cmap, vmin, vmax = _value_scale(grid, cmap)
+    layers, positions = grid.shape
+    fig = Figure(figsize=(min(24.0, 4.0 + 0.22 * positions), min(14.0, 3.2 + 0.35 * layers)), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    step = max(1, positions // 60)  # at most ~60 readable labels
+    ax.set_xticks(range(0, positions, step))
+    ax.set_xticklabels(position_labels[::step], rotation=90, fontsize=7)
+    ax.set_yticks(range(layers))
+    ax.set_yticklabels(layer_labels, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.colorbar(image, ax=ax, label=label)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def layer_heatmaps(
+    image: Image.Image | np.ndarray,
+    grids: Tensor | np.ndarray,
+    path: str | Path,
+    titles: list[str],
+    title: str | None = None,
+    label: str | None = None,
+    cmap: str | None = None,
+    alpha: float = 0.65,
+    columns: int = 6,
+) -> Figure:
+    """``grids[layer, rows, cols]`` over ``image``, one panel per layer with one shared colour scale (``NaN``
+    cells stay clear). As :func:`patch_heatmap`, pass the image as the model saw it."""
+    data = _numpy(grids)
+    if data.ndim != 3 or len(titles) != data.shape[0]:
+        raise ValueError(f"grids must be [layer, rows, cols] with one title per layer, got {data.shape} and {len(titles)}")
+    cmap, vmin, vmax = _value_scale(data, cmap)
+    if vmin is None:
+        finite = data[np.isfinite(data)]
+        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    picture = np.asarray(image)
+    height, width = picture.shape[:2]
+    n = data.shape[0]
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    panel = 2.6
+    fig = Figure(figsize=(panel * cols + 1.2, panel * rows * height / width + 0.8), layout="constrained")
+    axes_ = fig.subplots(rows, cols, squeeze=False)
+    extent = (0, width, height, 0)
+    heat = None
+    for i, ax in enumerate(axes_.flat):
+        ax.set_axis_off()
+        if i >= n:
+            continue
+        ax.imshow(picture, extent=extent)
+        heat = ax.imshow(data[i], extent=extent, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha, interpolation="nearest")
+        ax.set_title(titles[i], fontsize=9)
+    fig.colorbar(heat, ax=axes_, shrink=0.8, label=label)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def layer_curves(
+    curves: Mapping[str, tuple[Any, Tensor | np.ndarray]],
+    path: str | Path,
+    title: str | None = None,
+    xlabel: str = "layer",
+    ylabel: str | None = None,
+) -> Figure:
+    """One line per ``label → (layers, values)``, e.g. knockout curves (readout change by window centre)."""
+    from matplotlib.ticker import MaxNLocator  # here: the functions above this section need none of it
+
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for name, (xs, ys) in curves.items():
+        ax.plot(list(xs), _numpy(ys), marker="o", markersize=3.5, label=name)
+    ax.axhline(0.0, color="0.6", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def patch_tokens(
+    image: Image.Image | np.ndarray,
+    tokens: list[list[str]],
+    values: Tensor | np.ndarray,
+    path: str | Path,
+    title: str | None = None,
+    label: str | None = None,
+    cmap: str = "viridis",
+    alpha: float = 0.55,
+) -> Figure:
+    """A token written on each patch of ``image`` (``tokens[row][col]``) over a heatmap of ``values[rows, cols]``:
+    e.g. the logit lens's top token and its probability at each image token."""
+    grid = _numpy(values)
+    picture = np.asarray(image)
+    height, width = picture.shape[:2]
+    rows, cols = grid.shape
+    size = max(5.0, min(14.0, 0.55 * cols))
+    fig = Figure(figsize=(size + 1.2, size * height / width + 0.6), layout="constrained")
+    ax = fig.add_subplot()
+    extent = (0, width, height, 0)
+    ax.imshow(picture, extent=extent)
+    heat = ax.imshow(grid, extent=extent, cmap=cmap, alpha=alpha, interpolation="nearest")
+    fontsize = max(5.0, min(10.0, 110.0 / cols))
+    for r in range(rows):
+        for c in range(cols):
+            text = tokens[r][c]
+            if text:
+                ax.text((c + 0.5) * width / cols, (r + 0.5) * height / rows, text[:8], ha="center", va="center",
+                        fontsize=fontsize, color="white", bbox=dict(boxstyle="round,pad=0.1", fc="black", alpha=0.45, lw=0))
+    ax.set_axis_off()
+    fig.colorbar(heat, ax=ax, shrink=0.85, label=label)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

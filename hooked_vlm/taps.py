@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 from transformer_lens.hook_points import HookPoint
 
 
@@ -86,19 +87,76 @@ class BoundHookPoint(HookPoint):
         self.tap = tap
         self.order = order
         self._armed = armed
+        # A module spliced in at this point (an SAE): it runs on the value in every forward and its output goes
+        # on downstream. Kept out of ``_modules`` so that its parameters are not the model's; its own hook
+        # points are named as children of this one (``<name>.hook_sae_acts_post``) by ``HookedVLM.setup``.
+        self.__dict__["splice"] = None
+
+    def set_splice(self, module: nn.Module | None) -> None:
+        """Splice ``module`` in at this hook point (``None`` removes it); a splice arms the hook point."""
+        self.__dict__["splice"] = module
+        if module is not None:
+            self._armed.add(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if self.splice is None else self.splice(x)
+
+    def child_hook_points(self) -> dict[str, HookPoint]:
+        """The spliced module's hook points, by name relative to this hook point (none without a splice)."""
+        if self.splice is None:
+            return {}
+        return {name: m for name, m in self.splice.named_modules() if isinstance(m, HookPoint)}
 
     def add_hook(self, hook, dir="fwd", is_permanent=False, level=None, prepend=False, **kwargs) -> None:
         super().add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend, **kwargs)
         self._armed.add(self)
 
     def has_any_hook(self) -> bool:
-        return bool(self._forward_hooks or self._backward_hooks)
+        """True if hooks are attached here or to a hook point of the splice: a run has to reach this point."""
+        return any(hp._forward_hooks or hp._backward_hooks for hp in (self, *self.child_hook_points().values()))
+
+    def is_live(self) -> bool:
+        """True if the next run has to install this hook point's tap: it has hooks, or a splice to run."""
+        return self.splice is not None or self.has_any_hook()
+
+    def layer(self) -> int:
+        """The block index in ``<tower>.blocks.<i>.…`` (TransformerLens's version expects ``blocks.<i>`` first)."""
+        parts = (self.name or "").split(".")
+        if "blocks" not in parts[:-1]:
+            raise ValueError(f"{self.name!r} is not a per-block hook point")
+        return int(parts[parts.index("blocks") + 1])
 
     def __hash__(self) -> int:
         return id(self)
 
     def __eq__(self, other: object) -> bool:
         return self is other
+
+
+def _call_hook_point(hp: HookPoint, x: Tensor) -> Tensor:
+    """``hp(x)``, skipping ``nn.Module.__call__``'s general machinery when only plain forward hooks are attached.
+
+    The hook point fires inside the wrapped model's forward, once per tap: on a host-bound forward (a VLM at
+    batch 1, a ViT at small batch) its per-call cost is paid directly, and the general call path roughly
+    doubles it. Backward hooks, pre-hooks, keyword hooks and global hooks take the general path.
+    """
+    if (
+        hp._backward_hooks
+        or hp._backward_pre_hooks
+        or hp._forward_pre_hooks
+        or hp._forward_hooks_with_kwargs
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    ):
+        return hp(x)
+    out = hp.forward(x)
+    for hook in tuple(hp._forward_hooks.values()):
+        result = hook(hp, (x,), out)
+        if result is not None:
+            out = result
+    return out
 
 
 class Run:
@@ -110,7 +168,7 @@ class Run:
 
     def fire(self, hp: BoundHookPoint, x: Tensor) -> Tensor:
         """Pass ``x`` through the hook point, check what the user hooks returned, and track completion."""
-        y = hp(x)
+        y = _call_hook_point(hp, x)
         if y is not x:
             if not isinstance(y, Tensor):
                 raise HookShapeError(f"hook on {hp.name!r} returned {type(y).__name__}, expected a Tensor or None")
@@ -196,7 +254,7 @@ class OutputTap(Tap):
                 return put(view.from_hook(x, new))
             return None
 
-        return [root.get_submodule(self.module).register_forward_hook(hook)]
+        return [root.get_submodule(self.module).register_forward_hook(hook, prepend=True)]
 
     def describe(self) -> str:
         return f"{self.module} → output"
@@ -225,7 +283,7 @@ class InputTap(Tap):
                 return args, {**kwargs, key: view.from_hook(x, new)}
             return None
 
-        return [root.get_submodule(self.module).register_forward_pre_hook(hook, with_kwargs=True)]
+        return [root.get_submodule(self.module).register_forward_pre_hook(hook, with_kwargs=True, prepend=True)]
 
     def describe(self) -> str:
         return f"{self.module} → input"
@@ -248,19 +306,23 @@ class ResidualSumTap(Tap):
         def remember_input(module, args, kwargs):
             stash["resid_pre"] = args[0] if args else next(iter(kwargs.values()))
 
+        view = self.view
+
         def hook(module, args, output):
             branch, put = _first(output)
             resid_pre = stash["resid_pre"]
             mid = resid_pre + branch
-            new = run.fire(hp, mid)
-            if new is not mid:
-                return put(new - resid_pre)
+            h = view.to_hook(mid)
+            version = h._version  # mid is a fresh sum, not the model's tensor: in-place edits must be written back too
+            new = run.fire(hp, h)
+            if new is not h or h._version != version:
+                return put(view.from_hook(mid, new) - resid_pre)
             return None
 
         block = root.get_submodule(self.block)
         return [
-            block.register_forward_pre_hook(remember_input, with_kwargs=True),
-            root.get_submodule(self.module).register_forward_hook(hook),
+            block.register_forward_pre_hook(remember_input, with_kwargs=True, prepend=True),
+            root.get_submodule(self.module).register_forward_hook(hook, prepend=True),
         ]
 
     def describe(self) -> str:
@@ -280,13 +342,19 @@ class CompletionHook:
 
 
 def install_taps(root: nn.Module, hook_points: Sequence[BoundHookPoint], run: Run) -> list[Handle]:
-    """Install the taps of ``hook_points`` (in definition order) and return the handles to remove."""
+    """Install the taps of ``hook_points`` and return the handles to remove.
+
+    Taps register their PyTorch hooks with ``prepend=True``, installed here in reverse definition order: on a
+    module they then fire in definition order (``hook_attn_out`` before ``hook_resid_mid``), and before any hook
+    the model registered itself. transformers records ``output_hidden_states`` with permanent forward hooks, and
+    LLaVA-OneVision's projector reads the recorded vision layer: an edit made after that hook would be lost.
+    """
     groups: dict[object, list[BoundHookPoint]] = {}
     for hp in sorted(hook_points, key=lambda h: h.order):
         groups.setdefault(hp.tap.group_key(), []).append(hp)
     handles: list[Handle] = []
     try:
-        for members in groups.values():
+        for members in reversed(groups.values()):
             handles.extend(type(members[0].tap).install_group(root, members, run))
         if run.pending is not None:
             repeated: dict[str, list[BoundHookPoint]] = {}

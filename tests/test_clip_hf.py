@@ -394,3 +394,16 @@ def test_vision_only_classes(kind):
     torch.testing.assert_close(cache["vision.blocks.1.hook_resid_post"], out.hidden_states[2], atol=0, rtol=0)
     with pytest.raises(TypeError, match="no text tower"):
         model(image, text="a cat")
+
+
+def test_in_place_edits_count_as_edits_and_layer_index(clip, inputs):
+    model, _, _ = clip
+    with torch.no_grad():
+        returned = model.run_with_hooks(inputs, fwd_hooks=[("vision.blocks.1.hook_resid_mid", lambda t, hook: torch.zeros_like(t))])
+        in_place = model.run_with_hooks(inputs, fwd_hooks=[("vision.blocks.1.hook_resid_mid", lambda t, hook: t.zero_())])
+        z_in_place = model.run_with_hooks(inputs, fwd_hooks=[("vision.blocks.1.attn.hook_z", lambda t, hook: t.zero_())])
+        z_returned = model.run_with_hooks(inputs, fwd_hooks=[("vision.blocks.1.attn.hook_z", lambda t, hook: torch.zeros_like(t))])
+    assert torch.equal(returned, in_place) and torch.equal(z_in_place, z_returned)
+    assert not torch.allclose(returned, model(inputs))
+    assert model.hook_dict["vision.blocks.1.attn.hook_z"].layer() == 1
+    assert model.hook_dict["text.blocks.0.hook_resid_post"].layer() == 0

@@ -1,0 +1,163 @@
+"""Command-line entries for Phase 1: harvest activations into a store, train an SAE on a store or a live model.
+
+    hooked-vlm harvest [MODEL] --hook NAME [--hook NAME ...] [--images DIR | --dataset DIR] [--positions SEL]
+                       [--prompt TEXT] [--out DIR] [--batch-size N] [--store-dtype bfloat16] [--compiled]
+    hooked-vlm train-sae (--store DIR | MODEL --images DIR) --hook NAME [--architecture topk] [--k 32]
+                       [--expansion-factor 16] [--training-samples N] [--out DIR] [--wandb-project NAME]
+
+(or ``python -m hooked_vlm.sae harvest ...``). MODEL is as for ``hooked-vlm inspect`` (default ``tiny:clip``);
+without ``--images`` / ``--dataset``, drawn sample images are used, so both commands run offline. ``--positions``
+is a selector for every hook (``patches``) or one per hook (``--positions lm.blocks.5.hook_resid_post=image``,
+repeated). A harvest into a folder that holds an interrupted store of the same settings resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hooked_vlm.cli import DTYPES, CLIError, load_model
+from hooked_vlm.testing import sample_image
+
+DEFAULT_MODEL = "tiny:clip"
+
+
+def _images(args: argparse.Namespace) -> Any:
+    if args.dataset:
+        from datasets import load_from_disk
+
+        return load_from_disk(args.dataset)
+    if args.images:
+        return args.images
+    return [sample_image(width=64 + 16 * (i % 4), height=64 + 8 * (i % 3), seed=i) for i in range(args.n_sample_images)]
+
+
+def _positions(values: list[str] | None) -> Any:
+    if not values:
+        return "all"
+    if len(values) == 1 and "=" not in values[0]:
+        return values[0]
+    pairs = [value.split("=", 1) for value in values]
+    if any(len(pair) != 2 for pair in pairs):
+        raise CLIError("--positions takes one selector, or HOOK=SELECTOR for each hook")
+    return dict(pairs)
+
+
+def _model(args: argparse.Namespace):
+    try:
+        return load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as error:
+        raise CLIError(str(error)) from error
+
+
+def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Mistakes in what was asked for (hook names, selectors, folders) become a one-line CLIError."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except CLIError:
+            raise
+        except KeyError as error:  # str() of a KeyError is its repr
+            raise CLIError(error.args[0]) from error
+        except (ValueError, FileNotFoundError, TypeError) as error:
+            raise CLIError(str(error)) from error
+
+    return run
+
+
+@_user_errors
+def cmd_harvest(args: argparse.Namespace) -> int:
+    from hooked_vlm.sae.store import harvest_to_store
+
+    model = _model(args)
+    store = harvest_to_store(
+        model, _images(args), args.hook, args.out, positions=_positions(args.positions), prompt=args.prompt,
+        batch_size=args.batch_size, dtype=DTYPES[args.store_dtype] if args.store_dtype else None,
+        shard_mb=args.shard_mb, overwrite=args.overwrite, compiled=args.compiled,
+    )
+    print(store)
+    return 0
+
+
+@_user_errors
+def cmd_train(args: argparse.Namespace) -> int:
+    from hooked_vlm.sae.store import ActivationStore
+    from hooked_vlm.sae.train import train_sae
+
+    fields = {
+        "architecture": args.architecture, "expansion_factor": args.expansion_factor, "k": args.k,
+        "batch_size": args.batch_size, "lr": args.lr, "wandb_project": args.wandb_project,
+        "training_samples": args.training_samples,
+    }
+    if args.n_batches_for_norm_estimate is not None:
+        fields["n_batches_for_norm_estimate"] = args.n_batches_for_norm_estimate
+    if args.store:
+        source, images = ActivationStore(args.store), None
+    else:
+        source, images = _model(args), _images(args)
+        fields |= {"positions": _positions(args.positions), "prompt": args.prompt}
+    trained = train_sae(source, args.hook, images, output_path=args.out, **fields)
+    print(f"saved {type(trained.sae).__name__} (d_in {trained.sae.cfg.d_in}, d_sae {trained.sae.cfg.d_sae}) to "
+          f"{trained.path}; loss {float(trained.losses[0]):.4g} → {float(trained.losses[-1]):.4g}")
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    """Add ``harvest`` and ``train-sae`` to an argparse sub-command set (``hooked_vlm.cli.build_parser``'s)."""
+
+    def common(command: argparse.ArgumentParser, several_hooks: bool) -> None:
+        command.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                             help=f"hub id, open_clip:ARCH/TAG or tiny:NAME (default {DEFAULT_MODEL})")
+        if several_hooks:
+            command.add_argument("--hook", action="append", required=True,
+                                 help="hook name (repeat for several: one forward feeds them all)")
+        else:
+            command.add_argument("--hook", required=True, help="hook name")
+        command.add_argument("--images", help="a folder of images (read recursively, sorted)")
+        command.add_argument("--dataset", help="a Hugging Face dataset saved with save_to_disk (its Image column)")
+        command.add_argument("--n-sample-images", type=int, default=64, help="drawn images when none are given")
+        command.add_argument("--positions", action="append", help="selector, or HOOK=SELECTOR per hook (default all)")
+        command.add_argument("--prompt", help="what a VLM is asked about each image")
+        command.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+        command.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
+
+    harvest = commands.add_parser("harvest", help="harvest activations of images into a resumable store")
+    common(harvest, several_hooks=True)
+    harvest.add_argument("--out", help="store folder (default models/activations/<model>/<hooks>__<positions>)")
+    harvest.add_argument("--batch-size", type=int, default=16, help="images per forward")
+    harvest.add_argument("--store-dtype", choices=sorted(DTYPES), help="dtype of the stored rows (default: the model's)")
+    harvest.add_argument("--shard-mb", type=float, default=256.0, help="shard size (default 256 MB)")
+    harvest.add_argument("--overwrite", action="store_true", help="start a store of other settings over")
+    harvest.add_argument("--compiled", action="store_true", help="torch.compile the truncated tower (CLIP, GPU)")
+    harvest.set_defaults(run=cmd_harvest)
+
+    train = commands.add_parser("train-sae", help="train an SAE (sae_lens) on a store or a live model")
+    common(train, several_hooks=False)
+    train.add_argument("--store", help="an activation store folder (instead of MODEL and images)")
+    train.add_argument("--architecture", default="topk",
+                       choices=["standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"])
+    train.add_argument("--expansion-factor", type=int, default=16)
+    train.add_argument("--k", type=int, default=32)
+    train.add_argument("--training-samples", type=int, help="rows to train on (default: one pass)")
+    train.add_argument("--batch-size", type=int, default=4096)
+    train.add_argument("--lr", type=float, default=3e-4)
+    train.add_argument("--n-batches-for-norm-estimate", type=int)
+    train.add_argument("--wandb-project", help="log to W&B through sae_lens")
+    train.add_argument("--out", help="SAE folder (default models/checkpoints/saes/...)")
+    train.set_defaults(run=cmd_train)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hooked_vlm.sae", description=__doc__.splitlines()[0])
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except CLIError as error:
+        print(f"hooked-vlm: error: {error}", file=sys.stderr)
+        return 2

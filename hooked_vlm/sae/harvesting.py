@@ -1,0 +1,343 @@
+"""Activation harvesting: rows ``[n, d]`` of chosen positions at chosen hook points, from images.
+
+sae_lens's own activation store streams token ids; images reach its trainer through these iterators instead.
+Every forward runs through :meth:`HookedVLM.run_with_cache` with the hook names as ``names_filter``, so the
+model stops as soon as the last requested hook has fired (a vision hook of a VLM never runs the LM), and
+positions are picked with the layout's selectors (``layout.mask(positions, hook)``): ``"all"`` (padding
+excluded), ``"cls"``, ``"patches"``, ``"image"`` / ``"text"`` / ``"newline"`` tokens of the LM, a
+``[rows, cols]`` bool patch mask, or a callable over the :class:`~hooked_vlm.layout.InputLayout`.
+
+Every row keeps where it came from (:data:`INDEX_COLUMNS`): the image (its index in the image source, whose
+``ids`` name it), the batch row and position in the forward that produced it (batch ``image // batch_size``
+of the source), and from the layout the tile, row and col of image patches (-1 elsewhere).
+"""
+
+# ruff: noqa: F722  (jaxtyping shape strings are not forward references)
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hooked_vlm.cache import PATTERN_HOOKS, ActivationCache
+from hooked_vlm.inputs import load_images
+from hooked_vlm.layout import InputLayout, Kind, Selector, TowerLayout
+
+if TYPE_CHECKING:
+    from hooked_vlm.model import HookedVLM
+
+#: The columns of a row's index: where in the image source and in the model input the row came from.
+INDEX_COLUMNS = ("image", "batch_row", "position", "tile", "row", "col")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image sources.
+
+
+@dataclass
+class ImageSource:
+    """A fixed, ordered collection of images; ``ids[i]`` says where image ``i`` came from."""
+
+    ids: list[str]
+    description: str
+    _load: Callable[[int, int], list[Any]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, start: int, stop: int) -> list[Image.Image]:
+        """Images ``start:stop`` as RGB PIL images (paths opened, arrays converted)."""
+        return [image if isinstance(image, Image.Image) else Image.fromarray(image)
+                for image in load_images(self._load(start, stop))]
+
+
+def image_source(
+    images: Any,
+    *,
+    image_column: str | None = None,
+    id_column: str | None = None,
+    ids: Sequence[str] | None = None,
+) -> ImageSource:
+    """An :class:`ImageSource` from a list of images / paths, a folder, or a Hugging Face ``datasets.Dataset``.
+
+    A folder is read recursively in sorted order (ids: paths relative to it). A dataset's image column is found
+    by its ``Image`` feature unless ``image_column`` names it (ids: ``id_column`` values, else row indices). A list
+    has ids ``ids`` if given, else file paths for paths and indices for in-memory images.
+    """
+    if isinstance(images, ImageSource):
+        return images
+    datasets = sys.modules.get("datasets")  # only a loaded `datasets` can have made a Dataset
+    if datasets is not None and isinstance(images, datasets.IterableDataset):
+        raise TypeError("a streaming (iterable) dataset has no fixed order or length; pass a map-style Dataset")
+    if datasets is not None and isinstance(images, datasets.Dataset):
+        return _dataset_source(images, image_column, id_column)
+    if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
+        root = Path(images)
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        return ImageSource([p.relative_to(root).as_posix() for p in files], f"folder {root}",
+                           lambda start, stop: files[start:stop])
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise ValueError("no images given")
+    if ids is None:
+        ids = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else str(i) for i, x in enumerate(items)]
+    if len(ids) != len(items):
+        raise ValueError(f"{len(ids)} ids for {len(items)} images")
+    return ImageSource(list(ids), f"list of {len(items)} images", lambda start, stop: items[start:stop])
+
+
+def _dataset_source(dataset: Any, image_column: str | None, id_column: str | None) -> ImageSource:
+    from datasets import Image as ImageFeature
+
+    if image_column is None:
+        columns = [name for name, feature in dataset.features.items() if isinstance(feature, ImageFeature)]
+        if len(columns) != 1:
+            raise ValueError(
+                f"cannot tell the image column of the dataset (Image features: {columns}, all columns: "
+                f"{dataset.column_names}); pass image_column="
+            )
+        image_column = columns[0]
+    elif image_column not in dataset.column_names:
+        raise ValueError(f"no column {image_column!r} in the dataset (columns: {dataset.column_names})")
+    ids = [str(x) for x in dataset[id_column]] if id_column is not None else [str(i) for i in range(len(dataset))]
+    name = getattr(dataset.info, "dataset_name", None) or "dataset"
+    return ImageSource(ids, f"{name} ({len(dataset)} rows, column {image_column!r})",
+                       lambda start, stop: dataset[start:stop][image_column])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Selecting rows.
+
+
+#: one selector for every hook, or one per hook name (``{"vision.blocks.3.hook_resid_post": "patches",
+#: "lm.blocks.5.hook_resid_post": "image"}``: a vision and an LM hook harvested from the same forwards)
+Positions = Selector | Mapping[str, Selector]
+
+
+def positions_for(positions: Positions, hook_name: str) -> Selector:
+    """The selector of ``hook_name``."""
+    if isinstance(positions, Mapping):
+        if hook_name not in positions:
+            raise KeyError(f"no position selector for {hook_name!r} (given for: {sorted(positions)})")
+        return positions[hook_name]
+    return positions
+
+
+def describe_positions(positions: Positions) -> str | dict:
+    """A JSON-able description of a selector (or of one per hook), for manifests and SAE metadata; a patch mask
+    becomes ``{"patch_mask": [[0, 1], ...]}``, a callable its qualified name."""
+    if isinstance(positions, Mapping):
+        return {name: describe_positions(selector) for name, selector in positions.items()}
+    if isinstance(positions, str):
+        return positions
+    if isinstance(positions, Tensor):
+        return {"patch_mask": positions.int().tolist()}
+    return f"callable:{getattr(positions, '__module__', '?')}.{getattr(positions, '__qualname__', repr(positions))}"
+
+
+def check_hooks(model: HookedVLM, hook_names: Sequence[str], positions: Positions) -> list[str]:
+    """Canonical names of the requested hooks; unknown names, attention patterns and bad selectors raise here,
+    before any image is loaded."""
+    names = [hp.name for hp in model.resolve_names(list(hook_names))]
+    if not names:
+        raise ValueError("no hook names given")
+    every_kind = torch.tensor([list(Kind)])
+    minus = torch.full_like(every_kind, -1)
+    for name in names:
+        if name.rsplit(".", 1)[-1] in PATTERN_HOOKS:
+            raise ValueError(f"{name!r} is an attention pattern [batch, head, q, k], not one vector per position")
+        selector = positions_for(positions, name)
+        if isinstance(selector, str):  # unknown names raise, listing the valid ones
+            TowerLayout(every_kind, minus, minus, minus, minus).mask(selector)
+    return names
+
+
+def take(layout: InputLayout, hook_name: str, tensor: Tensor, positions: Selector) -> Float[Tensor, "n d"]:
+    """The selected positions of a ``[batch, pos, ...]`` tensor at ``hook_name`` (an activation, or anything computed
+    from it per position, e.g. SAE features) as rows, trailing axes flattened (per-head hooks: ``head · d_head``).
+
+    Pooled hooks (``[batch, d]``, e.g. CLIP's ``hook_image_embeds``) give one row per image, for ``"all"`` only.
+    """
+    if tensor.dim() == 2:
+        if not (isinstance(positions, str) and positions == "all"):
+            raise ValueError(f"{hook_name!r} is pooled ([batch, d], one vector per image): use positions='all'")
+        return tensor
+    mask = layout.mask(positions, hook_name)
+    if tuple(tensor.shape[:2]) != tuple(mask.shape):
+        raise ValueError(f"{hook_name!r} has shape {tuple(tensor.shape)}, but its layout is {tuple(mask.shape)} [batch, pos]")
+    return tensor[mask.to(tensor.device)].flatten(1)
+
+
+def row_index(
+    layout: InputLayout, hook_name: str, shape: Sequence[int], positions: Selector, first_image: int = 0
+) -> Int[Tensor, "n 6"]:
+    """The :data:`INDEX_COLUMNS` of the rows :func:`take` picks from a tensor of ``shape`` at ``hook_name``.
+
+    ``first_image`` is the source index of the forward's first image; each prompt of a VLM holds one image, so a
+    text position of batch row ``b`` belongs to image ``first_image + b``. Pooled rows have position -1.
+    """
+    if len(shape) == 2:
+        batch = torch.arange(shape[0])
+        minus = torch.full_like(batch, -1)
+        return torch.stack([batch + first_image, batch, minus, minus, minus, minus], 1)
+    batch, position = layout.mask(positions, hook_name).nonzero(as_tuple=True)
+    tower = layout.tower_for(hook_name)
+    image = tower.image[batch, position]
+    image = torch.where(image >= 0, image, batch) + first_image
+    return torch.stack(
+        [image, batch, position, tower.tile[batch, position], tower.row[batch, position], tower.col[batch, position]], 1
+    )
+
+
+def select_rows(
+    cache: ActivationCache, hook_name: str, positions: Selector, first_image: int = 0
+) -> tuple[Float[Tensor, "n d"], Int[Tensor, "n 6"]]:
+    """The rows of ``cache[hook_name]`` at the selected positions, and their :data:`INDEX_COLUMNS`."""
+    act = cache[hook_name]
+    rows = take(cache.layout, hook_name, act, positions)
+    return rows, row_index(cache.layout, hook_name, act.shape, positions, first_image)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Harvesting.
+
+
+@dataclass
+class HarvestBatch:
+    """The selected rows of one forward over images ``start:stop`` of the source, per hook."""
+
+    start: int
+    stop: int
+    acts: dict[str, Float[Tensor, "n d"]]
+    index: dict[str, Int[Tensor, "n 6"]]  # INDEX_COLUMNS per row
+
+
+def has_language_model(model: HookedVLM) -> bool:
+    return any(info.name == "lm" for info in model.adapter.towers())
+
+
+def model_inputs(model: HookedVLM, images: list[Image.Image], prompt: str | None) -> dict[str, Any]:
+    """``run_with_cache`` arguments for a batch: one prompt per image for a VLM (so every image is tiled as a
+    single-image prompt is), the images as a batch for CLIP."""
+    if has_language_model(model):
+        return {"inputs": [[image] for image in images], "prompt": None if prompt is None else [prompt] * len(images)}
+    if prompt is not None:
+        raise ValueError(f"a {model.adapter.family} model takes no prompt")
+    return {"inputs": images}
+
+
+@contextmanager
+def _compiled_tower(model: HookedVLM, names: list[str], compiled: bool | dict[str, Any]) -> Iterator[Any]:
+    """A :class:`~hooked_vlm.compiled.CompiledHarvest` of ``names`` while the block runs (``None`` if not asked
+    for): entered once, so that a harvest over many batches (and epochs) compiles once."""
+    if not compiled:
+        yield None
+        return
+    from hooked_vlm.compiled import CompiledHarvest
+
+    with CompiledHarvest(model, names, compile_kwargs=None if compiled is True else compiled) as tower:
+        yield tower
+
+
+def _forwards(
+    model: HookedVLM, source: ImageSource, names: list[str], positions: Positions, prompt: str | None,
+    batch_size: int, start: int, stop: int, device: Any, dtype: torch.dtype | None, tower: Any, progress: bool,
+) -> Iterator[HarvestBatch]:
+    with tqdm(total=stop - start, desc="harvest", unit="img", disable=not progress) as bar:
+        for first in range(start, stop, batch_size):
+            last = min(first + batch_size, stop)
+            prepared = model.prepare_inputs(**model_inputs(model, source.load(first, last), prompt))
+            with torch.no_grad():
+                if tower is None:
+                    _, cache = model.run_with_cache(prepared, names_filter=names, device=device, dtype=dtype)
+                else:
+                    captured = tower(prepared)
+                    cache = ActivationCache({n: t.to(device=device, dtype=dtype) for n, t in captured.items()},
+                                            prepared.layout)
+            selected = {name: select_rows(cache, name, positions_for(positions, name), first) for name in names}
+            yield HarvestBatch(first, last, {n: r for n, (r, _) in selected.items()},
+                               {n: i for n, (_, i) in selected.items()})
+            bar.update(last - first)
+
+
+def harvest(
+    model: HookedVLM,
+    images: Any,
+    hook_names: str | Sequence[str],
+    *,
+    positions: Positions = "all",
+    prompt: str | None = None,
+    batch_size: int = 16,
+    start: int = 0,
+    stop: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    compiled: bool | dict[str, Any] = False,
+    progress: bool = True,
+) -> Iterator[HarvestBatch]:
+    """One :class:`HarvestBatch` per forward over ``batch_size`` images of ``images`` (from ``start`` to ``stop``).
+
+    ``images``: anything :func:`image_source` takes. ``positions``: a selector for every hook, or a dict of one
+    per hook (a named selector that picks nothing in a hook's sequence raises: ``"image"`` tokens are LM
+    positions, vision towers have ``"patches"`` and ``"cls"``). ``prompt``: the user message a VLM sees with
+    each image. Activations stay on the model's device unless ``device`` says otherwise (keep them on the GPU
+    to train there), in the model's dtype unless ``dtype`` is given.
+
+    ``compiled`` runs the forwards through :class:`hooked_vlm.compiled.CompiledHarvest` (the hooks' tower alone,
+    truncated after the deepest hook, through ``torch.compile``; a dict gives ``torch.compile`` arguments): for
+    long harvests of one tower of the families that support it (CLIP), on a GPU.
+    """
+    names = check_hooks(model, [hook_names] if isinstance(hook_names, str) else hook_names, positions)
+    source = image_source(images)
+    stop = len(source) if stop is None else min(stop, len(source))
+    with _compiled_tower(model, names, compiled) as tower:
+        yield from _forwards(model, source, names, positions, prompt, batch_size, start, stop, device, dtype, tower,
+                             progress)
+
+
+def activation_stream(
+    model: HookedVLM,
+    images: Any,
+    hook_names: str | Sequence[str],
+    *,
+    positions: Positions = "all",
+    prompt: str | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    compiled: bool | dict[str, Any] = False,
+    loop: bool = True,
+    progress: bool = True,
+) -> Iterator[Tensor] | Iterator[dict[str, Tensor]]:
+    """Activation rows for training: ``[n, d]`` per forward for one hook, ``{hook: [n, d]}`` for several.
+
+    With ``loop`` the images are gone through again and again (sae_lens trainers call ``next`` until they have
+    seen their number of samples). Rows come in image order: shuffle them with a mixing buffer
+    (:func:`sae_lens.training.mixing_buffer.mixing_buffer`), as :func:`~hooked_vlm.sae.train_sae` does.
+    ``compiled``: as for :func:`harvest` (compiled once for all passes).
+    """
+    names = check_hooks(model, [hook_names] if isinstance(hook_names, str) else hook_names, positions)
+    source = image_source(images)
+    with _compiled_tower(model, names, compiled) as tower:
+        for epoch in itertools.count():
+            for batch in _forwards(model, source, names, positions, prompt, batch_size, 0, len(source), device, dtype,
+                                   tower, progress and epoch == 0):
+                yield batch.acts[names[0]] if isinstance(hook_names, str) else batch.acts
+            if not loop:
+                return

@@ -1,0 +1,298 @@
+"""A disk store of harvested activations: sharded safetensors plus a JSON manifest.
+
+Layout of a store folder (default ``models/activations/<model>/<hooks>__<positions>``)::
+
+    manifest.json            model, hook names, widths, position selector, prompt, dtype, batch size, the id of
+                             every image of the source, how many images are done, and the list of shards
+    shard_00000.safetensors  per hook: ``acts/<hook>`` [n, d] and ``index/<hook>`` [n, 6] (INDEX_COLUMNS)
+    ...
+
+Writing is crash-safe and resumable: a shard holds whole forwards (all rows of its images), is written to a
+temporary file and renamed, and only then is it added to the manifest (also written to a temporary file and
+renamed). After an interruption, harvesting the same source into the same folder removes files the manifest
+does not list and continues with the first image no listed shard holds: no row is lost or written twice.
+"""
+
+# ruff: noqa: F722  (jaxtyping shape strings are not forward references)
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from hooked_vlm.sae.harvesting import INDEX_COLUMNS, Positions, check_hooks, describe_positions, harvest, image_source
+
+if TYPE_CHECKING:
+    from hooked_vlm.model import HookedVLM
+
+FORMAT = "hooked_vlm.activations/1"
+MANIFEST = "manifest.json"
+DEFAULT_ROOT = Path("models/activations")
+#: manifest keys a resumed harvest must agree on
+_SETTINGS = ("model", "hook_names", "positions", "prompt", "dtype", "batch_size", "image_ids")
+
+
+class StoreMismatchError(ValueError):
+    """Resuming a store with a different model, hooks, selector, prompt, dtype, batch size or images."""
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def checkpoint_name(model: HookedVLM) -> str:
+    """The checkpoint a model was loaded from (its config's ``name_or_path``), else its family and class."""
+    name = getattr(getattr(model.raw_model, "config", None), "name_or_path", "")
+    return name or f"{model.adapter.family}:{type(model.raw_model).__name__}"
+
+
+def default_store_path(model: str, hook_names: Sequence[str], positions: Positions) -> Path:
+    """``models/activations/<model>/<hook or first hook+n>__<positions>`` (the research layout)."""
+    hooks = hook_names[0] + (f"+{len(hook_names) - 1}" if len(hook_names) > 1 else "")
+    described = describe_positions(positions)
+    selector = described if isinstance(described, str) else "custom"
+    return DEFAULT_ROOT / slug(model) / f"{slug(hooks)}__{slug(selector)}"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=1))
+    os.replace(temporary, path)
+
+
+class ActivationStore:
+    """A store folder, opened for reading (see the module docstring for its layout)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"no activation store at {self.path} ({MANIFEST} missing)")
+        self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{manifest} is not a {FORMAT} manifest")
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{h}: {n}" for h, n in self.n_rows.items())
+        state = "complete" if self.complete else f"{self.manifest['n_images_done']}/{len(self.image_ids)} images"
+        return f"ActivationStore({self.path}, {state}, rows {{{rows}}})"
+
+    # ---- what is in it -------------------------------------------------------------------------------------------
+    @property
+    def hook_names(self) -> list[str]:
+        return list(self.manifest["hook_names"])
+
+    @property
+    def image_ids(self) -> list[str]:
+        return list(self.manifest["image_ids"])
+
+    def positions(self, hook_name: str) -> str | dict:
+        """The selector ``hook_name``'s rows were harvested with (as :func:`describe_positions` wrote it)."""
+        described = self.manifest["positions"]
+        return described[hook_name] if isinstance(described, dict) and "patch_mask" not in described else described
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest["n_images_done"] == len(self.manifest["image_ids"])
+
+    @property
+    def n_rows(self) -> dict[str, int]:
+        return {h: sum(shard["rows"][h] for shard in self.manifest["shards"]) for h in self.hook_names}
+
+    def d_in(self, hook_name: str) -> int:
+        return self.manifest["d_in"][hook_name]
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    # ---- reading ---------------------------------------------------------------------------------------------------
+    def _hooks(self, hook_names: str | Sequence[str] | None) -> list[str]:
+        names = self.hook_names if hook_names is None else [hook_names] if isinstance(hook_names, str) else list(hook_names)
+        unknown = [h for h in names if h not in self.manifest["hook_names"]]
+        if unknown:
+            raise KeyError(f"{unknown} not in this store (hooks: {self.hook_names})")
+        return names
+
+    def shard(self, i: int, hook_names: str | Sequence[str] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(acts, index)`` of shard ``i``, per hook."""
+        tensors = load_file(self.path / self.manifest["shards"][i]["file"])
+        names = self._hooks(hook_names)
+        return {h: tensors[f"acts/{h}"] for h in names}, {h: tensors[f"index/{h}"] for h in names}
+
+    def read(self, hook_name: str) -> Float[Tensor, "n d"]:
+        """Every row of ``hook_name``, in harvest order."""
+        return torch.cat([self.shard(i, hook_name)[0][hook_name] for i in range(self.n_shards)])
+
+    def index(self, hook_name: str) -> Int[Tensor, "n 6"]:
+        """The :data:`INDEX_COLUMNS` of every row of ``hook_name``, in harvest order."""
+        return torch.cat([self.shard(i, hook_name)[1][hook_name] for i in range(self.n_shards)])
+
+    def trace(self, hook_name: str, row: int) -> dict[str, Any]:
+        """Where row ``row`` of ``hook_name`` came from: image id and index, batch row, position, tile, row, col."""
+        entry = dict(zip(INDEX_COLUMNS, self.index(hook_name)[row].tolist(), strict=True))
+        return {"image_id": self.image_ids[entry["image"]], **entry}
+
+    def stream(
+        self,
+        hook_names: str | Sequence[str],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        loop: bool = False,
+        buffer_shards: int = 4,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Iterator[Tensor] | Iterator[dict[str, Tensor]]:
+        """Batches of ``batch_size`` rows (``[batch, d]``, or ``{hook: [batch, d]}`` for several hooks).
+
+        With ``shuffle``, shards come in a random order and rows are shuffled across ``buffer_shards`` shards at
+        a time (rows of one image are correlated: mixing several shards keeps them apart). Without ``loop`` the
+        stream ends after one pass, with a last, smaller batch; with ``loop`` it never ends and every batch is
+        full (what sae_lens trainers need). Several hooks must have the same rows (same tower and selector).
+        """
+        names = self._hooks(hook_names)
+        if not self.manifest["shards"]:
+            raise ValueError(f"the store at {self.path} has no shards yet")
+        generator = torch.Generator().manual_seed(seed)
+        leftover: dict[str, Tensor] | None = None
+        while True:
+            order = torch.randperm(self.n_shards, generator=generator) if shuffle else torch.arange(self.n_shards)
+            for group in order.split(buffer_shards):
+                parts = [self.shard(int(i), names)[0] for i in group]
+                if leftover is not None:
+                    parts.insert(0, leftover)
+                rows = {h: torch.cat([p[h] for p in parts]) for h in names}
+                counts = {h: len(r) for h, r in rows.items()}
+                if len(set(counts.values())) > 1:
+                    raise ValueError(f"the hooks have different row counts {counts}: stream them one at a time")
+                n = counts[names[0]]
+                if shuffle:
+                    permutation = torch.randperm(n, generator=generator)
+                    rows = {h: r[permutation] for h, r in rows.items()}
+                rows = {h: r.to(device=device, dtype=dtype) for h, r in rows.items()}
+                full = n - n % batch_size
+                for i in range(0, full, batch_size):
+                    batch = {h: r[i : i + batch_size] for h, r in rows.items()}
+                    yield batch[names[0]] if isinstance(hook_names, str) else batch
+                leftover = {h: r[full:] for h, r in rows.items()}
+            if not loop:
+                break
+        if leftover is not None and len(leftover[names[0]]):
+            yield leftover[names[0]] if isinstance(hook_names, str) else leftover
+
+
+def harvest_to_store(
+    model: HookedVLM,
+    images: Any,
+    hook_names: str | Sequence[str],
+    path: str | os.PathLike | None = None,
+    *,
+    positions: Positions = "all",
+    prompt: str | None = None,
+    batch_size: int = 16,
+    dtype: torch.dtype | None = None,
+    shard_mb: float = 256.0,
+    overwrite: bool = False,
+    compiled: bool | dict[str, Any] = False,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> ActivationStore:
+    """Harvest ``images`` into a store at ``path``, resuming a store that was interrupted.
+
+    ``dtype`` (default: the model's) is what rows are stored in; rows are bit-exact copies of the activations
+    when it is the model's. Shards are cut after about ``shard_mb`` megabytes (all hooks together). A folder
+    holding a store of other settings raises :class:`StoreMismatchError` unless ``overwrite``, which starts over.
+    ``model_name`` is recorded in the manifest (default: the checkpoint's name). ``compiled``: as for
+    :func:`~hooked_vlm.sae.harvest`.
+    """
+    names = check_hooks(model, [hook_names] if isinstance(hook_names, str) else hook_names, positions)
+    source = image_source(images)
+    name = model_name or checkpoint_name(model)
+    path = Path(path) if path is not None else default_store_path(name, names, positions)
+    dtype = dtype or next(p.dtype for p in model.raw_model.parameters() if p.is_floating_point())
+    settings = {
+        "model": name,
+        "hook_names": names,
+        "positions": describe_positions(positions),
+        "prompt": prompt,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+        "image_ids": source.ids,
+    }
+    manifest = _open_for_writing(path, settings, overwrite)
+    manifest["source"] = source.description
+    pending: list[Any] = []
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending_bytes
+        manifest["shards"].append(_write_shard(path, len(manifest["shards"]), names, pending))
+        manifest["n_images_done"] = pending[-1].stop
+        manifest["d_in"] = {hook: pending[0].acts[hook].shape[-1] for hook in names}
+        _write_json(path / MANIFEST, manifest)
+        pending.clear()
+        pending_bytes = 0
+
+    for batch in harvest(model, source, names, positions=positions, prompt=prompt, batch_size=batch_size,
+                         start=manifest["n_images_done"], device="cpu", dtype=dtype, compiled=compiled,
+                         progress=progress):
+        pending.append(batch)
+        pending_bytes += sum(a.numel() * a.element_size() for a in batch.acts.values())
+        if pending_bytes >= shard_mb * 2**20:
+            flush()
+    if pending:
+        flush()
+    return ActivationStore(path)
+
+
+def _open_for_writing(path: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """The manifest to continue from (a fresh one for a new folder); stray files from a crash are removed."""
+    manifest_path = path / MANIFEST
+    if manifest_path.is_file() and not overwrite:
+        manifest = json.loads(manifest_path.read_text())
+        different = [key for key in _SETTINGS if manifest.get(key) != settings[key]]
+        if different:
+            raise StoreMismatchError(
+                f"{path} holds a store harvested with other {', '.join(different)}; harvest into another folder "
+                "or pass overwrite=True to start it over"
+            )
+    else:
+        if overwrite and path.is_dir():
+            for file in path.glob("shard_*.safetensors*"):
+                file.unlink()
+        manifest = {"format": FORMAT, **settings, "index_columns": list(INDEX_COLUMNS), "d_in": {},
+                    "n_images_done": 0, "shards": []}
+        path.mkdir(parents=True, exist_ok=True)
+        _write_json(manifest_path, manifest)
+    listed = {shard["file"] for shard in manifest["shards"]}
+    for file in path.glob("shard_*"):
+        if file.name not in listed:  # written after the last manifest update, or half-written: redone below
+            file.unlink()
+    return manifest
+
+
+def _write_shard(path: Path, number: int, hook_names: list[str], batches: list[Any]) -> dict[str, Any]:
+    tensors: dict[str, Tensor] = {}
+    for hook in hook_names:
+        tensors[f"acts/{hook}"] = torch.cat([b.acts[hook] for b in batches]).contiguous()
+        tensors[f"index/{hook}"] = torch.cat([b.index[hook] for b in batches]).contiguous()
+    file = f"shard_{number:05d}.safetensors"
+    temporary = path / (file + ".tmp")
+    save_file(tensors, temporary)
+    os.replace(temporary, path / file)
+    return {
+        "file": file,
+        "images": [batches[0].start, batches[-1].stop],
+        "rows": {hook: len(tensors[f"acts/{hook}"]) for hook in hook_names},
+    }
