@@ -22,7 +22,7 @@ import torch
 from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from hooked_vlm.adapter import Adapter, BlockPaths, Prepared, TowerInfo, block_hooks, register_adapter
-from hooked_vlm.inputs import check_type, is_processor_output, load_images, pixel_tensor, to_model
+from hooked_vlm.inputs import check_type, is_processor_output, load_images, model_keywords, pixel_tensor, to_model
 from hooked_vlm.layout import InputLayout, grid_tower, text_tower
 from hooked_vlm.taps import OutputTap, Tap
 
@@ -123,7 +123,7 @@ class CLIPAdapter(Adapter):
             if text is not None:
                 texts = [text] if isinstance(text, str) else list(text)
                 model_kwargs |= dict(self._processor("text").tokenizer(texts, padding=True, return_tensors="pt"))
-        model_kwargs |= kwargs
+        model_kwargs |= model_keywords(self.model, kwargs)
         if "input_ids" in model_kwargs and not isinstance(self.model, CLIPModel):
             raise TypeError(f"{type(self.model).__name__} has no text tower; text needs a CLIPModel")
         if "pixel_values" not in model_kwargs and "input_ids" not in model_kwargs:

@@ -42,7 +42,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from hooked_vlm.adapter import Adapter, BlockPaths, Prepared, TowerInfo, block_hooks, register_adapter
-from hooked_vlm.inputs import check_type, is_processor_output, load_images, to_model
+from hooked_vlm.inputs import check_type, is_processor_output, load_images, model_keywords, to_model
 from hooked_vlm.layout import InputLayout, Kind, TowerLayout, text_tower
 from hooked_vlm.taps import InputTap, OutputTap, Tap
 
@@ -348,7 +348,7 @@ class LlavaOnevisionAdapter(Adapter):
             model_kwargs = dict(
                 processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
             )
-        model_kwargs |= kwargs
+        model_kwargs |= model_keywords(self.model, kwargs)
         if "pixel_values_videos" in model_kwargs:
             raise NotImplementedError("video inputs are not supported yet by the LLaVA-OneVision adapter")
         # inputs go where the LM's embedding lives: with a device_map, accelerate moves them on from there

@@ -41,7 +41,7 @@ from transformers import AttentionInterface, Qwen2VLForConditionalGeneration
 
 from hooked_vlm.adapter import Adapter, BlockPaths, Prepared, TowerInfo, block_hooks, register_adapter
 from hooked_vlm.attention import AttentionFunctionTap, _AttentionConfigView, _original_function, additive_mask
-from hooked_vlm.inputs import check_type, is_processor_output, load_images, to_model
+from hooked_vlm.inputs import check_type, is_processor_output, load_images, model_keywords, to_model
 from hooked_vlm.layout import InputLayout, Kind, TowerLayout, text_tower
 from hooked_vlm.taps import IDENTITY, InputTap, OutputTap, Tap, View
 
@@ -358,7 +358,7 @@ class Qwen2VLAdapter(Adapter):
             model_kwargs = dict(inputs)
         else:
             model_kwargs = self._process(inputs, text, prompt, min_pixels, max_pixels)
-        model_kwargs |= kwargs
+        model_kwargs |= model_keywords(self.model, kwargs)
         if "pixel_values_videos" in model_kwargs:
             raise NotImplementedError("video inputs are not supported yet by the Qwen2-VL adapter")
         if "input_ids" not in model_kwargs:

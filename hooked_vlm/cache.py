@@ -11,7 +11,6 @@ from torch import Tensor
 
 from hooked_vlm.layout import InputLayout, Selector
 
-
 HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k")  # [batch, pos, head, d_head]
 PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")  # [batch, head, query, key]
 QUERY_HEAD_HOOKS = ("hook_q", "hook_z", "hook_rot_q", *PATTERN_HOOKS)  # head axis counts query heads (GQA)

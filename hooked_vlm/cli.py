@@ -286,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     hooks.add_argument("--markdown", action="store_true", help="print a markdown table (doc/hook_reference.md)")
     hooks.add_argument("--collapse", action="store_true", help="one row per per-block name: vision.blocks.{0..23}.…")
     hooks.set_defaults(run=cmd_hooks)
+
+    from hooked_vlm.sae.cli import add_commands  # here, not at the top: hooked_vlm.sae.cli imports this module
+
+    add_commands(commands)
     return parser
 
 

@@ -46,16 +46,24 @@ class CompiledHarvest:
         if len(towers) != 1:
             raise ValueError(f"a compiled harvest reads one tower; these hooks span {sorted(towers)}")
         self.tower = towers.pop()
-        blocks = [_BLOCK.match(hp.name) for hp in self.hook_points]
-        # tower-level hooks after the blocks (pooling, projection) need every block; before them, none
-        self.keep = None if any(m is None and "embed" not in hp.name for m, hp in zip(blocks, self.hook_points)) else (
-            1 + max((int(m["index"]) for m in blocks if m), default=-1)
-        )
+        self.keep = self._blocks_needed(model)
         self.compile_kwargs = {"mode": "max-autotune-no-cudagraphs", **(compile_kwargs or {})}
         self._store: dict[str, Tensor] = {}
         self._handles: list = []
         self._restore: tuple[nn.Module, str, nn.Module] | None = None
         self._compiled = None
+
+    def _blocks_needed(self, model) -> int | None:
+        """How many blocks of the tower the hooks need (``None``: all, for hooks after the blocks)."""
+        first_block = model.hook_dict.get(f"{self.tower}.blocks.0.hook_resid_pre")
+        needed = 0
+        for hp in self.hook_points:
+            match = _BLOCK.match(hp.name)
+            if match:
+                needed = max(needed, int(match["index"]) + 1)
+            elif first_block is None or hp.order > first_block.order:  # pooling, projection: after every block
+                return None
+        return needed
 
     def __enter__(self) -> CompiledHarvest:
         adapter, raw = self.model.adapter, self.model.raw_model

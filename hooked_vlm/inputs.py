@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -45,6 +46,36 @@ def load_images(inputs: Any) -> list[Image.Image | np.ndarray]:
         else:
             raise TypeError(f"unsupported image input of type {type(item).__name__}; expected {ACCEPTED}")
     return images
+
+
+_TRANSFORMERLENS_ONLY = {
+    "remove_batch_dim": "index [0] of the cached tensors yourself",
+    "pos_slice": "pass positions= (a selector) to run_with_cache",
+    "return_type": "the output is what the wrapped model returns (logits or embeddings)",
+    "return_cache_object": "run_with_cache always returns an ActivationCache",
+    "names": "pass names_filter=",
+}
+
+
+def model_keywords(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` for the wrapped model's forward, checked: an unknown keyword (or a TransformerLens-only one)
+    raises instead of vanishing into a Hugging Face ``**kwargs``."""
+    if not kwargs:
+        return {}
+    parameters = inspect.signature(model.forward).parameters.values()
+    accepted = {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):
+        from transformers.utils.generic import TransformersKwargs
+
+        accepted |= set(TransformersKwargs.__annotations__)
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        hints = [f"{name}: {_TRANSFORMERLENS_ONLY[name]}" for name in unknown if name in _TRANSFORMERLENS_ONLY]
+        raise TypeError(
+            f"{type(model).__name__}.forward takes no {unknown}"
+            + (f" ({'; '.join(hints)})" if hints else f"; it takes {sorted(accepted)}")
+        )
+    return dict(kwargs)
 
 
 def to_model(kwargs: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Union
 
 import torch
 from jaxtyping import Bool, Int
@@ -29,7 +28,7 @@ class Kind(IntEnum):
     NEWLINE = 5
 
 
-Selector = Union[str, Tensor, Callable[["InputLayout"], Tensor]]
+Selector = str | Tensor | Callable[["InputLayout"], Tensor]
 
 _NAMED = {
     "cls": (Kind.CLS,),

@@ -6,6 +6,7 @@ import difflib
 import fnmatch
 import functools
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -185,8 +186,9 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
 
     def hook_names(self, pattern: str = "*") -> list[str]:
         """Canonical hook names matching a glob pattern, in forward order (``"vision.blocks.*.hook_resid_post"``)."""
-        match = _glob(pattern)
-        return [n for n in self.hook_dict if match(n)]
+        # module-path hook points made so far are listed only when the pattern asks for them (``"hf.*"``)
+        match, raw = _glob(pattern), self.adapter.raw_prefix + "."
+        return [n for n in self.hook_dict if match(n) and (pattern.startswith(raw) or not n.startswith(raw))]
 
     def hook_point(self, name: str) -> BoundHookPoint:
         """The hook point called ``name``: a canonical name, or ``<raw prefix>.<module path>.hook_out|hook_in``."""
@@ -346,6 +348,14 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
                 if scalar is None or scalar.numel() != 1:
                     raise ValueError("incl_bwd=True needs a scalar model output; use run_with_hooks and a readout")
                 scalar.backward()
+        if isinstance(names_filter, (str, list, tuple)):
+            silent = [hp.name for hp in hook_points if hp.name not in cache]
+            if silent:
+                warnings.warn(
+                    f"{silent} did not fire in this run: the input does not reach them (e.g. text hooks with images "
+                    "only), or the module behind a module-path name is not called (open_clip's attn.out_proj)",
+                    stacklevel=2,
+                )
         return output, ActivationCache(cache, lambda: prepared.layout)
 
 

@@ -407,3 +407,16 @@ def test_in_place_edits_count_as_edits_and_layer_index(clip, inputs):
     assert not torch.allclose(returned, model(inputs))
     assert model.hook_dict["vision.blocks.1.attn.hook_z"].layer() == 1
     assert model.hook_dict["text.blocks.0.hook_resid_post"].layer() == 0
+
+
+def test_unknown_keywords_raise_and_silent_hooks_warn(clip, inputs):
+    model, _, _ = clip
+    image = sample_image()
+    with pytest.raises(TypeError, match="pos_slice: pass positions="):
+        model.run_with_cache(image, names_filter="vision.blocks.0.hook_resid_post", pos_slice=0)
+    with pytest.raises(TypeError, match="typo"):
+        model(image, typo=1)
+    with pytest.warns(UserWarning, match="text.blocks.0.hook_resid_post"):
+        model.run_with_cache(image, names_filter=["vision.blocks.0.hook_resid_post", "text.blocks.0.hook_resid_post"])
+    model.run_with_cache(image, names_filter="hf.vision_model.pre_layrnorm.hook_out")
+    assert not any(name.startswith("hf.") for name in model.hook_names())

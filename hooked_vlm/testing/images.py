@@ -6,7 +6,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-
 def sample_image(width: int = 96, height: int = 96, seed: int = 0) -> Image.Image:
     """A deterministic RGB test image: a gradient sky, a sun, and a ground band."""
     rng = np.random.default_rng(seed)
