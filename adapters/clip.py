@@ -117,26 +117,18 @@ class CLIPAdapter(Adapter):
             if isinstance(inputs, torch.Tensor):
                 model_kwargs["pixel_values"] = pixel_tensor(inputs)
             elif inputs is not None:
-                model_kwargs["pixel_values"] = self._processor("images").image_processor(
+                model_kwargs["pixel_values"] = self.require_processor("images").image_processor(
                     images=load_images(inputs), return_tensors="pt"
                 )["pixel_values"]
             if text is not None:
                 texts = [text] if isinstance(text, str) else list(text)
-                model_kwargs |= dict(self._processor("text").tokenizer(texts, padding=True, return_tensors="pt"))
+                model_kwargs |= dict(self.require_processor("text").tokenizer(texts, padding=True, return_tensors="pt"))
         model_kwargs |= model_keywords(self.model, kwargs)
         if "input_ids" in model_kwargs and not isinstance(self.model, CLIPModel):
             raise TypeError(f"{type(self.model).__name__} has no text tower; text needs a CLIPModel")
         if "pixel_values" not in model_kwargs and "input_ids" not in model_kwargs:
             raise ValueError("nothing to run: pass images (or pixel_values) and/or text=[...]")
         return Prepared(to_model(model_kwargs, self.model), partial(self._layout, model_kwargs))
-
-    def _processor(self, what: str):
-        if self.processor is None:
-            raise ValueError(
-                f"this model was wrapped without a processor, so {what} cannot be preprocessed here; pass "
-                "HookedVLM.from_hf(model, processor) or ready pixel_values / processor outputs"
-            )
-        return self.processor
 
     def _layout(self, model_kwargs: dict[str, Any]) -> InputLayout:
         towers = {}

@@ -42,9 +42,9 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from hooked_vlm.adapter import Adapter, BlockPaths, Prepared, TowerInfo, block_hooks, register_adapter
-from hooked_vlm.inputs import check_type, is_processor_output, load_images, model_keywords, to_model
+from hooked_vlm.inputs import chat_prompts, check_type, is_processor_output, model_keywords, to_model
 from hooked_vlm.layout import InputLayout, Kind, TowerLayout, text_tower
-from hooked_vlm.taps import InputTap, OutputTap, Tap
+from hooked_vlm.taps import InputTap, InstanceOverride, OutputTap, Tap
 
 SIGLIP_BLOCK = BlockPaths(ln1="layer_norm1", attn="self_attn", ln2="layer_norm2", mlp="mlp")
 QWEN2_BLOCK = BlockPaths(
@@ -92,19 +92,10 @@ class PackedFeaturesTap(Tap):
                 features = list(new[0].split(lengths.tolist()))
             return features, lengths
 
-        owner.pack_image_features = pack_and_fire
-        return [_RestoreAttribute(owner, "pack_image_features")]
+        return [InstanceOverride(owner, "pack_image_features", pack_and_fire)]
 
     def describe(self) -> str:
         return f"{self.module}.pack_image_features → return value (concatenated over images)"
-
-
-class _RestoreAttribute:
-    def __init__(self, owner: Any, name: str):
-        self.owner, self.name = owner, name
-
-    def remove(self) -> None:
-        self.owner.__dict__.pop(self.name, None)
 
 
 @dataclass(frozen=True)
@@ -343,8 +334,12 @@ class LlavaOnevisionAdapter(Adapter):
                 raise TypeError("processor outputs already hold the text; pass no prompt= or text= with them")
             model_kwargs = dict(inputs)
         else:
-            texts, images = self._texts_and_images(inputs, text, prompt)
-            processor = self._processor()
+            if isinstance(inputs, torch.Tensor):
+                raise TypeError(
+                    "LLaVA-OneVision needs image sizes besides pixel_values: pass images, or the processor's outputs as a dict"
+                )
+            processor = self.require_processor()
+            texts, images = chat_prompts(processor, inputs, text, prompt)
             model_kwargs = dict(
                 processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
             )
@@ -353,53 +348,6 @@ class LlavaOnevisionAdapter(Adapter):
             raise NotImplementedError("video inputs are not supported yet by the LLaVA-OneVision adapter")
         # inputs go where the LM's embedding lives: with a device_map, accelerate moves them on from there
         return Prepared(to_model(model_kwargs, self.model.get_input_embeddings()), partial(self._layout, model_kwargs))
-
-    def _processor(self):
-        if self.processor is None:
-            raise ValueError(
-                "this model was wrapped without a processor, so images and prompts cannot be prepared here; pass "
-                "HookedVLM.from_hf(model, processor) or a dict of processor outputs"
-            )
-        return self.processor
-
-    def _texts_and_images(self, inputs: Any, text: Any, prompt: Any) -> tuple[list[str], list[list] | None]:
-        if text is not None and prompt is not None:
-            raise TypeError("pass either prompt= (chat-formatted here) or text= (already formatted), not both")
-        given = text if text is not None else prompt
-        messages = None if given is None else [given] if isinstance(given, str) else list(given)
-        if isinstance(inputs, torch.Tensor):
-            raise TypeError(
-                "LLaVA-OneVision needs image sizes besides pixel_values: pass images, or the processor's outputs as a dict"
-            )
-        if inputs is None:
-            images = None
-            if messages is None:
-                raise ValueError("nothing to run: pass images and/or a prompt")
-        elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, (list, tuple)) for x in inputs):
-            images = [load_images(x) if x else [] for x in inputs]
-        elif isinstance(inputs, (list, tuple)) and messages is not None and 1 < len(messages) == len(inputs):
-            images = [load_images(x) for x in inputs]
-        else:
-            images = [load_images(inputs)]
-        n_prompts = len(images) if images is not None else len(messages)
-        messages = messages if messages is not None else [None] * n_prompts
-        if len(messages) != n_prompts:
-            raise ValueError(
-                f"{len(messages)} prompts for {n_prompts} image lists; pass one prompt, one prompt per image, "
-                "or a list of image lists with one prompt each"
-            )
-        if text is not None:
-            return messages, images
-        counts = [len(x) for x in images] if images is not None else [0] * n_prompts
-        processor = self._processor()
-        texts = []
-        for message, n_images in zip(messages, counts, strict=True):
-            content = [{"type": "image"}] * n_images
-            if message is not None:
-                content = [*content, {"type": "text", "text": message}]
-            conversation = [{"role": "user", "content": content}]
-            texts.append(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
-        return texts, images
 
     # ---- layout -----------------------------------------------------------------------------------------------------
     def image_packing(

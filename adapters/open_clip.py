@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from hooked_vlm.adapter import Adapter, Prepared, TowerInfo, register_adapter
 from hooked_vlm.inputs import check_type, is_processor_output, load_images, pixel_tensor, to_model
 from hooked_vlm.layout import InputLayout, grid_tower, text_tower
-from hooked_vlm.taps import BoundHookPoint, InputTap, OutputTap, ResidualSumTap, Run, SelectToken, Tap
+from hooked_vlm.taps import BoundHookPoint, InputTap, InstanceOverride, OutputTap, ResidualSumTap, Run, SelectToken, Tap
 
 #: hook-name leaf of each value the attention recomputation passes through a hook point
 ATTENTION_HOOKS = {
@@ -52,24 +52,6 @@ ATTENTION_HOOKS = {
     "pattern": "hook_pattern",
     "z": "hook_z",
 }
-
-_MISSING = object()
-
-
-class _InstanceOverride:
-    """Shadows a method on one instance until ``remove()``, which puts back whatever the instance had."""
-
-    def __init__(self, obj: nn.Module, name: str, value: Any):
-        self.obj, self.name = obj, name
-        self.previous = obj.__dict__.get(name, _MISSING)
-        setattr(obj, name, value)
-
-    def remove(self) -> None:
-        if self.previous is _MISSING:
-            delattr(self.obj, self.name)
-        else:
-            setattr(self.obj, self.name, self.previous)
-
 
 def _hooked_attention(
     attn: nn.MultiheadAttention,
@@ -124,7 +106,7 @@ class MultiheadAttentionTap(Tap):
     def install_group(cls, root, hook_points, run):
         block = root.get_submodule(hook_points[0].tap.module)
         hooks = {hp.tap.kind: hp for hp in hook_points}
-        return [_InstanceOverride(block, "attention", partial(_hooked_attention, block.attn, hooks, run))]
+        return [InstanceOverride(block, "attention", partial(_hooked_attention, block.attn, hooks, run))]
 
     def describe(self) -> str:
         return f"{self.module}.attention → recomputed from attn.in_proj_weight ({self.kind})"
@@ -147,7 +129,7 @@ class TextEmbedsTap(Tap):
             embeds = run.fire(hp, encode_text(text))
             return F.normalize(embeds, dim=-1) if normalize else embeds
 
-        return [_InstanceOverride(model, "encode_text", hooked_encode_text)]
+        return [InstanceOverride(model, "encode_text", hooked_encode_text)]
 
     def describe(self) -> str:
         return "encode_text → return value (before normalize)"
@@ -327,12 +309,12 @@ class OpenCLIPAdapter(Adapter):
         if isinstance(inputs, Tensor):
             model_kwargs["pixel_values"] = pixel_tensor(inputs)
         elif inputs is not None:
-            preprocess = self._processor("images")[0]
+            preprocess = self.require_processor("images")[0]
             model_kwargs["pixel_values"] = torch.stack([preprocess(_to_pil(image)) for image in load_images(inputs)])
         if isinstance(text, Tensor):
             model_kwargs["input_ids"] = self._check_token_ids(text)
         elif text is not None:
-            model_kwargs["input_ids"] = self._processor("text")[1]([text] if isinstance(text, str) else list(text))
+            model_kwargs["input_ids"] = self.require_processor("text")[1]([text] if isinstance(text, str) else list(text))
         if not model_kwargs:
             raise ValueError("nothing to run: pass images (or pixel_values) and/or text=[...]")
         return Prepared(to_model(model_kwargs, self.model), partial(self._layout, model_kwargs))
@@ -346,14 +328,6 @@ class OpenCLIPAdapter(Adapter):
                 f"got {input_ids.dtype} {tuple(input_ids.shape)}"
             )
         return input_ids
-
-    def _processor(self, what: str):
-        if self.processor is None:
-            raise ValueError(
-                f"this model was wrapped without a processor, so {what} cannot be preprocessed here; pass "
-                "HookedVLM.from_hf(model, (preprocess, tokenizer)) or ready pixel_values / input_ids"
-            )
-        return self.processor
 
     def _layout(self, model_kwargs: dict[str, Any]) -> InputLayout:
         towers = {}

@@ -40,10 +40,10 @@ from torch import Tensor, nn
 from transformers import AttentionInterface, Qwen2VLForConditionalGeneration
 
 from hooked_vlm.adapter import Adapter, BlockPaths, Prepared, TowerInfo, block_hooks, register_adapter
-from hooked_vlm.attention import AttentionFunctionTap, _AttentionConfigView, _original_function, additive_mask
-from hooked_vlm.inputs import check_type, is_processor_output, load_images, model_keywords, to_model
+from hooked_vlm.attention import AttentionConfigView, AttentionFunctionTap, additive_mask, original_attention_function
+from hooked_vlm.inputs import chat_prompts, check_type, is_processor_output, model_keywords, to_model
 from hooked_vlm.layout import InputLayout, Kind, TowerLayout, text_tower
-from hooked_vlm.taps import IDENTITY, InputTap, OutputTap, Tap, View
+from hooked_vlm.taps import IDENTITY, InputTap, InstanceOverride, OutputTap, RemoveEntry, Tap, View
 
 VISION = "model.visual"
 LM = "model.language_model"
@@ -107,15 +107,6 @@ def record_segment(module, query, key, value, attention_mask, scaling=None, drop
 AttentionInterface.register(RECORD_IMPLEMENTATION, record_segment)
 
 
-class _StopRecording:
-    def __init__(self, module: nn.Module, config):
-        self.module, self.config = module, config
-
-    def remove(self) -> None:
-        self.module.config = self.config
-        _recordings.pop(self.module, None)
-
-
 @dataclass(frozen=True)
 class PackedAttentionTap(AttentionFunctionTap):
     """rot_q, rot_k, scores or pattern of a Qwen2-VL vision attention, over all images of the run at once.
@@ -131,7 +122,7 @@ class PackedAttentionTap(AttentionFunctionTap):
             raise RuntimeError(f"attention of {hook_points[0].tap.module!r} is already being captured")
         hps = {hp.tap.kind: hp for hp in hook_points}
         config = attn.config
-        original = _original_function(attn, config._attn_implementation)
+        original = original_attention_function(attn, config._attn_implementation)
         segments = _recordings[attn] = []
 
         def replay(proj, args):
@@ -162,9 +153,12 @@ class PackedAttentionTap(AttentionFunctionTap):
                 )
             return (z.reshape(z.shape[1], -1), *args[1:])
 
-        attn.config = _AttentionConfigView(config, RECORD_IMPLEMENTATION)
         # prepend: the replayed z must be in place before hook_z (a pre-hook on the same module) sees it
-        return [_StopRecording(attn, config), attn.proj.register_forward_pre_hook(replay, prepend=True)]
+        return [
+            InstanceOverride(attn, "config", AttentionConfigView(config, RECORD_IMPLEMENTATION)),
+            RemoveEntry(_recordings, attn),
+            attn.proj.register_forward_pre_hook(replay, prepend=True),
+        ]
 
 
 def _block_diagonal_mask(lengths: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -370,43 +364,9 @@ class Qwen2VLAdapter(Adapter):
         return Prepared(to_model(model_kwargs, self.model.get_input_embeddings()), lambda: self._layout(model_kwargs))
 
     def _process(self, inputs, text, prompt, min_pixels, max_pixels) -> dict[str, Any]:
-        if self.processor is None:
-            raise ValueError(
-                "this model was wrapped without a processor, so images and prompts cannot be prepared here; pass "
-                "HookedVLM.from_hf(model, processor) or a dict of processor outputs"
-            )
-        if text is not None and prompt is not None:
-            raise TypeError("pass either prompt= (chat-formatted here) or text= (already formatted), not both")
         if isinstance(inputs, Tensor):
             raise TypeError("Qwen2-VL pixel_values need their image_grid_thw: pass images, or the processor's outputs as a dict")
-        given = text if text is not None else prompt
-        messages = None if given is None else [given] if isinstance(given, str) else list(given)
-        if inputs is None:
-            images = None
-            if messages is None:
-                raise ValueError("nothing to run: pass images and/or a prompt")
-        elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, (list, tuple)) for x in inputs):
-            images = [load_images(x) if x else [] for x in inputs]
-        elif isinstance(inputs, (list, tuple)) and messages is not None and 1 < len(messages) == len(inputs):
-            images = [load_images(x) for x in inputs]
-        else:
-            images = [load_images(inputs)]
-        n_prompts = len(images) if images is not None else len(messages)
-        messages = messages if messages is not None else [None] * n_prompts
-        if len(messages) != n_prompts:
-            raise ValueError(
-                f"{len(messages)} prompts for {n_prompts} image lists; pass one prompt, one prompt per image, "
-                "or a list of image lists with one prompt each"
-            )
-        texts = messages
-        if text is None:
-            texts = []
-            for message, row in zip(messages, images or [[]] * n_prompts, strict=True):
-                content = [{"type": "image"}] * len(row)
-                if message is not None:
-                    content.append({"type": "text", "text": message})
-                conversation = [{"role": "user", "content": content}]
-                texts.append(self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
+        texts, images = chat_prompts(self.require_processor(), inputs, text, prompt)
         size = {}
         if min_pixels is not None or max_pixels is not None:
             default = self.processor.image_processor.size

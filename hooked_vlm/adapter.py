@@ -105,6 +105,15 @@ class Adapter:
     def prepare(self, inputs: Any, *, text: Any = None, prompt: Any = None, **kwargs) -> Prepared:
         raise NotImplementedError
 
+    def require_processor(self, what: str = "images and prompts") -> Any:
+        """The processor, or a clear error for a model wrapped without one."""
+        if self.processor is None:
+            raise ValueError(
+                f"this model was wrapped without a processor, so {what} cannot be preprocessed here; pass "
+                "HookedVLM.from_hf(model, processor), or ready pixel_values / processor outputs as a dict"
+            )
+        return self.processor
+
     def forward(self, prepared: Prepared) -> Any:
         """Run the wrapped model on prepared inputs and return what the family returns for them."""
         raise NotImplementedError

@@ -20,14 +20,14 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from hooked_vlm.taps import BoundHookPoint, Run, Tap
+from hooked_vlm.taps import BoundHookPoint, InstanceOverride, RemoveEntry, Run, Tap
 
 CAPTURE_IMPLEMENTATION = "hooked_vlm_capture"  # must not contain "flash" (transformers tests the substring)
 
 KINDS = ("rot_q", "rot_k", "scores", "pattern")
 
 
-class _AttentionConfigView:
+class AttentionConfigView:
     """A module's config with ``_attn_implementation`` replaced; everything else reads through."""
 
     def __init__(self, config, implementation: str):
@@ -51,7 +51,7 @@ class _Capture:
 _captures: dict[nn.Module, _Capture] = {}
 
 
-def _original_function(module: nn.Module, implementation: str):
+def original_attention_function(module: nn.Module, implementation: str):
     if implementation in (None, "eager"):
         return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[implementation]
@@ -107,7 +107,7 @@ def capture_attention_forward(
     if "rot_k" in hps:
         key = run.fire(hps["rot_k"], key.transpose(1, 2)).transpose(1, 2)
     if "scores" not in hps and "pattern" not in hps:
-        original = _original_function(module, capture.original)
+        original = original_attention_function(module, capture.original)
         return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     if not isinstance(attention_mask, (Tensor, type(None))):
@@ -142,15 +142,6 @@ AttentionInterface.register(CAPTURE_IMPLEMENTATION, capture_attention_forward)
 AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
 
 
-class _Restore:
-    def __init__(self, module: nn.Module, config):
-        self.module, self.config = module, config
-
-    def remove(self) -> None:
-        self.module.config = self.config
-        _captures.pop(self.module, None)
-
-
 @dataclass(frozen=True)
 class AttentionFunctionTap(Tap):
     """A value inside a Hugging Face attention function: ``kind`` is rot_q, rot_k, scores or pattern.
@@ -174,8 +165,10 @@ class AttentionFunctionTap(Tap):
             run=run,
             original=config._attn_implementation,
         )
-        module.config = _AttentionConfigView(config, CAPTURE_IMPLEMENTATION)
-        return [_Restore(module, config)]
+        return [
+            InstanceOverride(module, "config", AttentionConfigView(config, CAPTURE_IMPLEMENTATION)),
+            RemoveEntry(_captures, module),
+        ]
 
     def describe(self) -> str:
         return f"{self.module} → attention function ({self.kind})"

@@ -78,6 +78,47 @@ def model_keywords(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any
     return dict(kwargs)
 
 
+def chat_prompts(processor: Any, inputs: Any, text: Any, prompt: Any) -> tuple[list[str], list[list] | None]:
+    """Formatted texts and the images of each prompt, for a chat VLM's processor.
+
+    ``inputs``: one image, a list of images (all in one prompt, or one per prompt when ``prompt`` is a list of the
+    same length), a list of lists (the images of each prompt), or ``None`` (text only). ``prompt``: the user
+    message(s), formatted with the checkpoint's chat template (without one, the images alone are the user turn);
+    ``text``: already formatted text, used as it is.
+    """
+    if text is not None and prompt is not None:
+        raise TypeError("pass either prompt= (chat-formatted here) or text= (already formatted), not both")
+    given = text if text is not None else prompt
+    messages = None if given is None else [given] if isinstance(given, str) else list(given)
+    if inputs is None:
+        images = None
+        if messages is None:
+            raise ValueError("nothing to run: pass images and/or a prompt")
+    elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, (list, tuple)) for x in inputs):
+        images = [load_images(x) if x else [] for x in inputs]
+    elif isinstance(inputs, (list, tuple)) and messages is not None and 1 < len(messages) == len(inputs):
+        images = [load_images(x) for x in inputs]
+    else:
+        images = [load_images(inputs)]
+    n_prompts = len(images) if images is not None else len(messages)
+    messages = messages if messages is not None else [None] * n_prompts
+    if len(messages) != n_prompts:
+        raise ValueError(
+            f"{len(messages)} prompts for {n_prompts} image lists; pass one prompt, one prompt per image, "
+            "or a list of image lists with one prompt each"
+        )
+    if text is not None:
+        return messages, images
+    texts = []
+    for message, row in zip(messages, images or [[]] * n_prompts, strict=True):
+        content = [{"type": "image"}] * len(row)
+        if message is not None:
+            content.append({"type": "text", "text": message})
+        conversation = [{"role": "user", "content": content}]
+        texts.append(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
+    return texts, images
+
+
 def to_model(kwargs: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
     """Tensors moved to the model's input device; floating tensors cast to the model's dtype."""
     device = current_device(model)

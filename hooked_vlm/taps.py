@@ -341,6 +341,35 @@ class CompletionHook:
         return root.get_submodule(module).register_forward_hook(hook)
 
 
+_MISSING = object()
+
+
+class InstanceOverride:
+    """Sets an attribute on one instance (a method, a config) until ``remove()``, which puts back whatever the
+    instance had. Taps use it where a value has no module boundary: the class and other instances are untouched."""
+
+    def __init__(self, obj: Any, name: str, value: Any):
+        self.obj, self.name = obj, name
+        self.previous = obj.__dict__.get(name, _MISSING)
+        setattr(obj, name, value)
+
+    def remove(self) -> None:
+        if self.previous is _MISSING:
+            delattr(self.obj, self.name)
+        else:
+            setattr(self.obj, self.name, self.previous)
+
+
+class RemoveEntry:
+    """Removes ``mapping[key]`` on ``remove()`` (per-run registries keyed by module)."""
+
+    def __init__(self, mapping: dict, key: Any):
+        self.mapping, self.key = mapping, key
+
+    def remove(self) -> None:
+        self.mapping.pop(self.key, None)
+
+
 def install_taps(root: nn.Module, hook_points: Sequence[BoundHookPoint], run: Run) -> list[Handle]:
     """Install the taps of ``hook_points`` and return the handles to remove.
 
