@@ -118,24 +118,20 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         device = device if explicit else "cuda"
         if "device_map" not in hf_kwargs:
             check_device(device, explicit)
-        for adapter in ADAPTERS:
-            if adapter.matches_name(name_or_path):
-                model, processor = adapter.load(
-                    name_or_path, device=device, dtype=dtype, attn_implementation=attn_implementation, **hf_kwargs
+        adapter = next((a for a in ADAPTERS if a.matches_name(name_or_path)), None)
+        if adapter is None:  # a hub id or a folder: the checkpoint's config names its family
+            config = _load_config(name_or_path, hf_kwargs)
+            adapter = next((a for a in ADAPTERS if a.matches_config(config)), None)
+            if adapter is None:
+                raise ValueError(
+                    f"{name_or_path!r} is a {getattr(config, 'model_type', '?')!r} checkpoint "
+                    f"({getattr(config, 'architectures', None)}), which no hooked_vlm adapter supports; "
+                    f"supported families: {', '.join(sorted({a.family for a in ADAPTERS}))}"
                 )
-                return cls(adapter(model, processor))
-        config = _load_config(name_or_path, hf_kwargs)
-        for adapter in ADAPTERS:
-            if adapter.matches_config(config):
-                model, processor = adapter.load(
-                    name_or_path, device=device, dtype=dtype, attn_implementation=attn_implementation, **hf_kwargs
-                )
-                return cls(adapter(model, processor))
-        raise ValueError(
-            f"{name_or_path!r} is a {getattr(config, 'model_type', '?')!r} checkpoint "
-            f"({getattr(config, 'architectures', None)}), which no hooked_vlm adapter supports; "
-            f"supported families: {', '.join(sorted({a.family for a in ADAPTERS}))}"
+        model, processor = adapter.load(
+            name_or_path, device=device, dtype=dtype, attn_implementation=attn_implementation, **hf_kwargs
         )
+        return cls(adapter(model, processor))
 
     # ---- the hook-name tree ---------------------------------------------------------------------------------------
     def _new_hook_point(self, tap) -> BoundHookPoint:
@@ -357,7 +353,6 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
                     stacklevel=2,
                 )
         return output, ActivationCache(cache, lambda: prepared.layout)
-
 
     def generate(
         self,

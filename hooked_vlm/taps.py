@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
 from transformer_lens.hook_points import HookPoint
 
 
@@ -126,49 +125,16 @@ class BoundHookPoint(HookPoint):
             raise ValueError(f"{self.name!r} is not a per-block hook point")
         return int(parts[parts.index("blocks") + 1])
 
-    def __hash__(self) -> int:
-        return id(self)
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
-
-
-def _call_hook_point(hp: HookPoint, x: Tensor) -> Tensor:
-    """``hp(x)``, skipping ``nn.Module.__call__``'s general machinery when only plain forward hooks are attached.
-
-    The hook point fires inside the wrapped model's forward, once per tap: on a host-bound forward (a VLM at
-    batch 1, a ViT at small batch) its per-call cost is paid directly, and the general call path roughly
-    doubles it. Backward hooks, pre-hooks, keyword hooks and global hooks take the general path.
-    """
-    if (
-        hp._backward_hooks
-        or hp._backward_pre_hooks
-        or hp._forward_pre_hooks
-        or hp._forward_hooks_with_kwargs
-        or _module._global_forward_hooks
-        or _module._global_forward_pre_hooks
-        or _module._global_backward_hooks
-        or _module._global_backward_pre_hooks
-    ):
-        return hp(x)
-    out = hp.forward(x)
-    for hook in tuple(hp._forward_hooks.values()):
-        result = hook(hp, (x,), out)
-        if result is not None:
-            out = result
-    return out
-
 
 class Run:
     """State shared by the taps of one run: which hook points still have to fire before an early stop."""
 
     def __init__(self, hook_points: Sequence[BoundHookPoint], stop_early: bool):
         self.pending = set(hook_points) if stop_early else None
-        self.attention_options: dict[str, Any] = {}
 
     def fire(self, hp: BoundHookPoint, x: Tensor) -> Tensor:
         """Pass ``x`` through the hook point, check what the user hooks returned, and track completion."""
-        y = _call_hook_point(hp, x)
+        y = hp(x)
         if y is not x:
             if not isinstance(y, Tensor):
                 raise HookShapeError(f"hook on {hp.name!r} returned {type(y).__name__}, expected a Tensor or None")
