@@ -17,14 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hooked_vlm.taps import BoundHookPoint, InstanceOverride, RemoveEntry, Run, Tap
 
 CAPTURE_IMPLEMENTATION = "hooked_vlm_capture"  # must not contain "flash" (transformers tests the substring)
-
-KINDS = ("rot_q", "rot_k", "scores", "pattern")
 
 
 class AttentionConfigView:
@@ -55,13 +54,6 @@ def original_attention_function(module: nn.Module, implementation: str):
     if implementation in (None, "eager"):
         return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[implementation]
-
-
-def _repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
 def additive_mask(
@@ -118,8 +110,8 @@ def capture_attention_forward(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     n_rep = query.shape[1] // key.shape[1]
-    key = _repeat_kv(key, n_rep)
-    value = _repeat_kv(value, n_rep)
+    key = repeat_kv(key, n_rep)
+    value = repeat_kv(value, n_rep)
     q_len, k_len = query.shape[2], key.shape[2]
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
