@@ -7,8 +7,17 @@
 
 from hooked_vlm.cache import ActivationCache
 from hooked_vlm.layout import InputLayout, Kind, TowerLayout
-from hooked_vlm.model import HookedVLM, UnknownHookError
+from hooked_vlm.model import Generation, HookedVLM, UnknownHookError
 from hooked_vlm.taps import HookShapeError
 
-__all__ = ["ActivationCache", "HookShapeError", "HookedVLM", "InputLayout", "Kind", "TowerLayout", "UnknownHookError"]
+__all__ = [
+    "ActivationCache",
+    "Generation",
+    "HookShapeError",
+    "HookedVLM",
+    "InputLayout",
+    "Kind",
+    "TowerLayout",
+    "UnknownHookError",
+]
 __version__ = "0.1.0"
