@@ -349,6 +349,14 @@ class OpenCLIPAdapter(Adapter):
     def block_list(self, tower: str) -> str:
         return {"vision": "visual.transformer.resblocks", "text": "transformer.resblocks"}.get(tower) or super().block_list(tower)
 
+    def example_inputs(self) -> dict[str, Any]:
+        height, width = self.model.visual.image_size
+        return {
+            "pixel_values": torch.zeros(1, 3, height, width),
+            # token ids [1, context_length], as open_clip's tokenizer pads them (encode_text needs the full length)
+            "input_ids": torch.zeros(1, self.model.context_length, dtype=torch.long),
+        }
+
     def forward(self, prepared: Prepared) -> Tensor:
         """Image embeddings, text embeddings, or with both the image-text logits ``[images, texts]``."""
         image, text = prepared.kwargs.get("pixel_values"), prepared.kwargs.get("input_ids")

@@ -18,7 +18,6 @@ Everything is written to --out (default out/phase0_llava_onevision/).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,10 +29,12 @@ from matplotlib.patches import Patch, Rectangle
 from PIL import Image
 
 from hooked_vlm import HookedVLM, Kind
-from hooked_vlm.cli import DTYPES, load_model, record_shapes
+from hooked_vlm.cli import record_shapes
 from hooked_vlm.inputs import load_images
 from hooked_vlm.plotting import attention_map, flow_diagram, patch_heatmap
 from hooked_vlm.testing import sample_image
+
+from common import Checklist, load, parser
 
 PROMPT = "Describe the picture."
 
@@ -170,23 +171,15 @@ def packing_diagram(model: HookedVLM, image: Image.Image, prepared, cache, path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny:llava_onevision", help="hub id / folder or tiny:llava_onevision")
-    parser.add_argument("--image", help="image file (default: a drawn sample image)")
-    parser.add_argument("--prompt", default=PROMPT)
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
-    parser.add_argument("--out", default="out/phase0_llava_onevision", help="output folder")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    checklist: list[tuple[bool, str]] = []
-
-    def check(ok: bool, item: str) -> None:
-        checklist.append((ok, item))
-        print(f"{'✓' if ok else '✗'} {item}\n")
+    options = parser(__doc__, default_model="tiny:llava_onevision", default_out="out/phase0_llava_onevision",
+                     model_help="hub id / folder or tiny:llava_onevision")
+    options.add_argument("--prompt", default=PROMPT)
+    args = options.parse_args(argv)
+    out = args.out
+    check = Checklist()  # check(ok, item) prints a ✓/✗ line; check.summary(title) lists them at the end
 
     # 1. Load.
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    model = load(args)
     raw = model.raw_model
     tile_px = raw.config.vision_config.image_size
     image = load_images(args.image)[0] if args.image else sample_image(int(2.6 * tile_px), int(1.5 * tile_px))
@@ -327,10 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     check(result is None and not calls and len(vision_only) == 2,
           "early stop: vision / projector hooks only → the language model never ran")  # fmt: skip
 
-    print(f"Phase 0 checklist ({args.model})")
-    for ok, item in checklist:
-        print(f"  {'✓' if ok else '✗'} {item}")
-    return 0 if all(ok for ok, _ in checklist) else 1
+    return check.summary(f"Phase 0 checklist ({args.model})")
 
 
 if __name__ == "__main__":

@@ -14,18 +14,18 @@ Everything is written to --out (default out/phase0/).
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 import torch
 from PIL import Image
 
 from hooked_vlm import HookedVLM
-from hooked_vlm.cli import DTYPES, load_model, record_shapes
+from hooked_vlm.cli import record_shapes
 from hooked_vlm.inputs import load_images
 from hooked_vlm.plotting import attention_map, flow_diagram, head_grid, patch_heatmap
 from hooked_vlm.testing import sample_image
+
+from common import Checklist, load, parser
 
 
 def library_hidden_states(model: HookedVLM, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -58,22 +58,12 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny:clip", help="hub id, open_clip:ARCH/TAG or tiny:NAME (default tiny:clip)")
-    parser.add_argument("--image", help="image file (default: a drawn sample image)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
-    parser.add_argument("--out", default="out/phase0", help="output folder (default out/phase0)")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    checklist: list[tuple[bool, str]] = []
-
-    def check(ok: bool, item: str) -> None:
-        checklist.append((ok, item))
-        print(f"{'✓' if ok else '✗'} {item}\n")
+    args = parser(__doc__, default_model="tiny:clip", default_out="out/phase0").parse_args(argv)
+    out = args.out
+    check = Checklist()  # check(ok, item) prints a ✓/✗ line; check.summary(title) lists them at the end
 
     # 1. Load.
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    model = load(args)
     image = load_images(args.image)[0] if args.image else sample_image()
     print(model)
     check(True, f"load: {args.model} → {type(model.raw_model).__name__} ({model.adapter.family} adapter)")
@@ -151,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     pngs = ["cls_attention.png", "patch_norm.png", "cls_attention_heads.png"]
     check(all((out / png).stat().st_size > 0 for png in pngs), f"heatmaps: {', '.join(str(out / png) for png in pngs)}")
 
-    print(f"Phase 0 checklist ({args.model})")
-    for ok, item in checklist:
-        print(f"  {'✓' if ok else '✗'} {item}")
-    return 0 if all(ok for ok, _ in checklist) else 1
+    return check.summary(f"Phase 0 checklist ({args.model})")
 
 
 if __name__ == "__main__":

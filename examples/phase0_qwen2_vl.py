@@ -20,7 +20,6 @@ Everything is written to --out (default out/phase0_qwen2_vl/).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -33,10 +32,12 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from hooked_vlm import HookedVLM, Kind
-from hooked_vlm.cli import DTYPES, load_model, record_shapes
+from hooked_vlm.cli import record_shapes
 from hooked_vlm.inputs import load_images
 from hooked_vlm.plotting import flow_diagram, patch_heatmap
 from hooked_vlm.testing import half_and_half_image, sample_image
+
+from common import Checklist, load, parser
 
 PROMPT = "Describe the picture."
 #: (label, width, height) for the token-count table
@@ -162,23 +163,15 @@ def token_table(model: HookedVLM, prompt: str) -> tuple[str, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny:qwen2_vl", help="hub id / folder or tiny:qwen2_vl")
-    parser.add_argument("--image", help="image file (default: a drawn 448×336 sample image)")
-    parser.add_argument("--prompt", default=PROMPT)
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
-    parser.add_argument("--out", default="out/phase0_qwen2_vl", help="output folder")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    checklist: list[tuple[bool, str]] = []
-
-    def check(ok: bool, item: str) -> None:
-        checklist.append((ok, item))
-        print(f"{'✓' if ok else '✗'} {item}\n")
+    options = parser(__doc__, default_model="tiny:qwen2_vl", default_out="out/phase0_qwen2_vl",
+                     model_help="hub id / folder or tiny:qwen2_vl", image="image file (default: a drawn 448×336 sample image)")
+    options.add_argument("--prompt", default=PROMPT)
+    args = options.parse_args(argv)
+    out = args.out
+    check = Checklist()  # check(ok, item) prints a ✓/✗ line; check.summary(title) lists them at the end
 
     # 1. Load.
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    model = load(args)
     raw = model.raw_model
     image = load_images(args.image)[0] if args.image else sample_image(448, 336)
     image = image if isinstance(image, Image.Image) else Image.fromarray(image)
@@ -309,10 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     check(result is None and not calls and len(vision_only) == 2,
           "early stop: vision / projector hooks only → the language model never ran")  # fmt: skip
 
-    print(f"Phase 0 checklist ({args.model})")
-    for ok, item in checklist:
-        print(f"  {'✓' if ok else '✗'} {item}")
-    return 0 if all(ok for ok, _ in checklist) else 1
+    return check.summary(f"Phase 0 checklist ({args.model})")
 
 
 if __name__ == "__main__":

@@ -23,14 +23,11 @@ hooked_vlm.sae.SAETrainingConfig (expansion 16, k 32, batch 4096) are used. Ever
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 import torch
 from PIL import Image, ImageEnhance
 
-from hooked_vlm.cli import DTYPES, load_model
 from hooked_vlm.sae import (
     density_histogram,
     evaluate_sae,
@@ -46,6 +43,8 @@ from hooked_vlm.sae import (
 from hooked_vlm.sae.harvesting import has_language_model
 from hooked_vlm.testing import sample_image
 
+from common import Checklist, load, mark, parser
+
 TINY_TRAINING = dict(expansion_factor=4, k=8, batch_size=256, buffer_batches=8, n_batches_for_norm_estimate=4,
                      lr=3e-3)
 
@@ -60,27 +59,19 @@ def drawn_images(n: int, seed: int = 0) -> list[Image.Image]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny:clip", help="hub id, open_clip:ARCH/TAG or tiny:NAME (default tiny:clip)")
-    parser.add_argument("--hook", help="hook to train on (default: a middle vision block's hook_resid_post)")
-    parser.add_argument("--positions", default="patches", help="position selector (default patches)")
-    parser.add_argument("--prompt", help="what a VLM is asked about each image (default: for VLMs, 'Describe the image.')")
-    parser.add_argument("--images", help="folder of training images (default: drawn images)")
-    parser.add_argument("--held-out", help="folder of held-out images (default: other drawn images)")
-    parser.add_argument("--n-images", type=int, default=96, help="drawn training images (default 96)")
-    parser.add_argument("--architecture", default="topk")
-    parser.add_argument("--training-samples", type=int, help="rows to train on (default: tiny 150k, real one pass)")
-    parser.add_argument("--real", action="store_true", help="SAE sizes for real checkpoints (SAETrainingConfig defaults)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
-    parser.add_argument("--out", default="out/phase1", help="output folder (default out/phase1)")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    checklist: list[tuple[bool, str]] = []
-
-    def check(ok: bool, item: str) -> None:
-        checklist.append((ok, item))
-        print(f"{'✓' if ok else '✗'} {item}\n")
+    options = parser(__doc__, default_model="tiny:clip", default_out="out/phase1", image=False)
+    options.add_argument("--hook", help="hook to train on (default: a middle vision block's hook_resid_post)")
+    options.add_argument("--positions", default="patches", help="position selector (default patches)")
+    options.add_argument("--prompt", help="what a VLM is asked about each image (default: for VLMs, 'Describe the image.')")
+    options.add_argument("--images", help="folder of training images (default: drawn images)")
+    options.add_argument("--held-out", help="folder of held-out images (default: other drawn images)")
+    options.add_argument("--n-images", type=int, default=96, help="drawn training images (default 96)")
+    options.add_argument("--architecture", default="topk")
+    options.add_argument("--training-samples", type=int, help="rows to train on (default: tiny 150k, real one pass)")
+    options.add_argument("--real", action="store_true", help="SAE sizes for real checkpoints (SAETrainingConfig defaults)")
+    args = options.parse_args(argv)
+    out = args.out
+    check = Checklist()  # check(ok, item) prints a ✓/✗ line; check.summary(title) lists them at the end
 
     # 0. The training setup finds planted features.
     planted = planted_features(d_in=32, n_features=64, active_per_row=3)
@@ -92,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                                      f"mean best cosine {found['mean_max_cosine']:.3f}")
 
     # 1. Harvest into a store.
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    model = load(args)
     vlm = has_language_model(model)
     prompt = args.prompt or ("Describe the image." if vlm else None)
     blocks = model.hook_names("vision.blocks.*.hook_resid_post")
@@ -165,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     check(all(p.exists() for p in [*galleries, histogram, table]),
           f"features: galleries of features {features} ({', '.join(str(p) for p in galleries)}), {histogram}, {table}")
 
-    print("\n".join(f"{'✓' if ok else '✗'} {item.splitlines()[0][:110]}" for ok, item in checklist))
-    return 0 if all(ok for ok, _ in checklist) else 1
+    print("\n".join(f"{mark(ok)} {item.splitlines()[0][:110]}" for ok, item in check.items))
+    return check.exit_code
 
 
 if __name__ == "__main__":

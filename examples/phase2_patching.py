@@ -23,19 +23,18 @@ models the numbers are noise, but every check holds. Everything is written to --
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 import torch
 from PIL import Image
 
-from hooked_vlm.cli import DTYPES, load_model
 from hooked_vlm.inputs import load_images
 from hooked_vlm.lens import logit_lens
 from hooked_vlm.patching import ablation, activation_patching, attention_knockout, attribution_patching
 from hooked_vlm.readouts import ClipSimilarity, LogitDiff, Probe
 from hooked_vlm.testing import sample_image
+
+from common import Checklist, load, parser
 
 TINY = dict(prompt="Is the sun on the left? Answer A or B.", answer="A", wrong="B")
 REAL = dict(prompt="Is the sun on the left of the picture? Answer Yes or No.", answer="Yes", wrong="No")
@@ -69,27 +68,19 @@ def quadrants(layout_grid: tuple[int, int], tile: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny:llava_onevision", help="hub id, open_clip:ARCH/TAG or tiny:NAME")
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
-    parser.add_argument("--clean", help="clean image (default: a drawn scene, sun on the left)")
-    parser.add_argument("--corrupted", help="corrupted image (default: the drawn scene with the sun elsewhere)")
-    parser.add_argument("--prompt", help="VLMs: the question (default suits --answer / --wrong)")
-    parser.add_argument("--answer", help="VLMs: the clean answer, one token (tiny: A, real: Yes)")
-    parser.add_argument("--wrong", help="VLMs: the wrong answer, one token (tiny: B, real: No)")
-    parser.add_argument("--aesthetic", help="CLIP ViT-L/14: LAION improved-aesthetic-predictor .pth as the readout")
-    parser.add_argument("--batch-size", type=int, default=16, help="patches per forward (default 16)")
-    parser.add_argument("--out", default="out/phase2", help="output folder (default out/phase2)")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    checklist: list[tuple[bool, str]] = []
+    options = parser(__doc__, default_model="tiny:llava_onevision", default_out="out/phase2", image=False)
+    options.add_argument("--clean", help="clean image (default: a drawn scene, sun on the left)")
+    options.add_argument("--corrupted", help="corrupted image (default: the drawn scene with the sun elsewhere)")
+    options.add_argument("--prompt", help="VLMs: the question (default suits --answer / --wrong)")
+    options.add_argument("--answer", help="VLMs: the clean answer, one token (tiny: A, real: Yes)")
+    options.add_argument("--wrong", help="VLMs: the wrong answer, one token (tiny: B, real: No)")
+    options.add_argument("--aesthetic", help="CLIP ViT-L/14: LAION improved-aesthetic-predictor .pth as the readout")
+    options.add_argument("--batch-size", type=int, default=16, help="patches per forward (default 16)")
+    args = options.parse_args(argv)
+    out = args.out
+    check = Checklist()  # check(ok, item) prints a ✓/✗ line; check.summary(title) lists them at the end
 
-    def check(ok: bool, item: str) -> None:
-        checklist.append((ok, item))
-        print(f"{'✓' if ok else '✗'} {item}\n")
-
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    model = load(args)
     towers = {tower.name: tower for tower in model.adapter.towers()}
     is_vlm = "lm" in towers
     tiny = args.model.startswith("tiny:")
@@ -173,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ablated.plot(out / "ablation_quadrants.png")
     effects = ", ".join(f"{g} {float(e):+.3g}" for g, e in zip(ablated.labels["group"], ablated.effect()[0], strict=True))
     check(ablated.values.shape == (1, 4), f"mean ablation of image quadrants at {first}: {effects}")
-    return report(args.model, checklist)
+    print(f"{args.model}: {check.passed}/{len(check.items)} checks passed")
+    return check.exit_code
 
 
 def model_view(image: Image.Image) -> Image.Image:
@@ -181,12 +173,6 @@ def model_view(image: Image.Image) -> Image.Image:
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return image.crop((left, top, left + side, top + side))
-
-
-def report(model_name: str, checklist: list[tuple[bool, str]]) -> int:
-    failed = [item for ok, item in checklist if not ok]
-    print(f"{model_name}: {len(checklist) - len(failed)}/{len(checklist)} checks passed")
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

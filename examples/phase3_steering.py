@@ -23,7 +23,6 @@ scale and come back when steering is removed. Everything is written to --out (de
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -31,12 +30,13 @@ import torch
 from PIL import Image, ImageEnhance
 
 from hooked_vlm import HookedVLM
-from hooked_vlm.cli import DTYPES, load_model
 from hooked_vlm.inputs import load_images
 from hooked_vlm.plotting import patch_heatmap
 from hooked_vlm.readouts import LogitDiff, Probe, fit_linear_probe
 from hooked_vlm.steering import FeatureClamp, Patches, SteeringVector, steer, sweep
 from hooked_vlm.testing import sample_image
+
+from common import Checklist, load, parser
 
 PROMPT = "Is this picture bright or dark? Answer in one word."
 SCALES = [-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0]
@@ -80,26 +80,18 @@ def spread(n_layers: int, k: int = 3) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny:llava_onevision", help="hub id, open_clip:ARCH/TAG or tiny:NAME")
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
-    parser.add_argument("--images-a", help="folder of set A images (default: drawn daylight scenes)")
-    parser.add_argument("--images-b", help="folder of set B images (default: the same scenes at night)")
-    parser.add_argument("--n-images", type=int, default=4, help="drawn images per set (default 4)")
-    parser.add_argument("--aesthetic", help="CLIP ViT-L/14: LAION improved-aesthetic-predictor .pth as the probe")
-    parser.add_argument("--sae", help="VLMs: a sae_lens SAE folder (SAE.load_from_disk) to clamp a feature of")
-    parser.add_argument("--max-new-tokens", type=int, default=12)
-    parser.add_argument("--out", default="out/phase3", help="output folder (default out/phase3)")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    checklist: list[tuple[bool, str]] = []
+    options = parser(__doc__, default_model="tiny:llava_onevision", default_out="out/phase3", image=False)
+    options.add_argument("--images-a", help="folder of set A images (default: drawn daylight scenes)")
+    options.add_argument("--images-b", help="folder of set B images (default: the same scenes at night)")
+    options.add_argument("--n-images", type=int, default=4, help="drawn images per set (default 4)")
+    options.add_argument("--aesthetic", help="CLIP ViT-L/14: LAION improved-aesthetic-predictor .pth as the probe")
+    options.add_argument("--sae", help="VLMs: a sae_lens SAE folder (SAE.load_from_disk) to clamp a feature of")
+    options.add_argument("--max-new-tokens", type=int, default=12)
+    args = options.parse_args(argv)
+    out = args.out
+    check = Checklist()  # check(ok, item) prints a ✓/✗ line; check.summary(title) lists them at the end
 
-    def check(ok: bool, item: str) -> None:
-        checklist.append((ok, item))
-        print(f"{'✓' if ok else '✗'} {item}\n")
-
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    model = load(args)
     towers = {tower.name: tower for tower in model.adapter.towers()}
     is_vlm = "lm" in towers
     prompt = PROMPT if is_vlm else None
@@ -169,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
           f"sweep of {len(vectors)} vectors × {len(SCALES)} scales, readout: {what}; {', '.join(map(str, written))}")
 
     if not is_vlm:
-        return report(args.model, checklist)
+        return check.summary(f"Phase 3 checklist ({args.model})")
 
     # 4. Generation at several scales: the projector vector at every step, the LM vector on new tokens only.
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -198,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     check(spliced_text == restored == plain_text and len({row["text"] for row in clamps.rows}) > 1,
           f"SAE feature {feature} at {sae.cfg.metadata.hook_name} clamped (0 … 16 × its max): the LM's text changes; "
           f"{out / 'sae_clamp_texts.md'}, {out / 'sae_clamp.png'}")
-    return report(args.model, checklist)
+    return check.summary(f"Phase 3 checklist ({args.model})")
 
 
 def load_sae(path: str | None, hook_name: str, d_in: int):
@@ -211,13 +203,6 @@ def load_sae(path: str | None, hook_name: str, d_in: int):
     sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=4 * d_in))
     sae.cfg.metadata.hook_name = hook_name
     return sae
-
-
-def report(model_name: str, checklist: list[tuple[bool, str]]) -> int:
-    print(f"Phase 3 checklist ({model_name})")
-    for ok, item in checklist:
-        print(f"  {'✓' if ok else '✗'} {item}")
-    return 0 if all(ok for ok, _ in checklist) else 1
 
 
 if __name__ == "__main__":

@@ -487,3 +487,30 @@ def test_real_size_vit_l_14_on_meta(tiny):
     for name, shape in shapes.items():
         assert cache[name].shape == shape, name
     assert model.adapter.describe()["vision tokens"].endswith("= 257")
+
+
+def test_example_inputs_give_real_sizes_from_a_meta_config(capsys):
+    from hooked_vlm.cli import main
+
+    model = HookedVLM.from_hf(meta_model("open_clip:ViT-L-14"))
+    inputs = model.adapter.example_inputs()
+    assert {k: (tuple(v.shape), v.dtype, v.device.type) for k, v in inputs.items()} == {
+        "pixel_values": ((1, 3, 224, 224), torch.float32, "cpu"), "input_ids": ((1, 77), torch.long, "cpu"),
+    }
+    assert main(["hooks", "config:open_clip:ViT-L-14", "--markdown"]) == 0
+    out, err = capsys.readouterr()
+    assert "no example inputs" not in err and "no shapes" not in err
+    shapes = {}
+    for line in out.splitlines():
+        if line.startswith("| `"):
+            name, shape, *_ = (cell.strip() for cell in line.strip().strip("|").split("|"))
+            shapes[name.strip("`")] = shape
+    assert "?" not in shapes.values()
+    assert shapes["vision.hook_embed"] == "[1, 257, 1024]"
+    assert shapes["vision.blocks.23.attn.hook_z"] == "[1, 257, 16, 64]"
+    assert shapes["vision.blocks.0.attn.hook_pattern"] == "[1, 16, 257, 257]"
+    assert shapes["vision.blocks.23.mlp.hook_post"] == "[1, 257, 4096]"
+    assert shapes["vision.hook_out"] == "[1, 1024]"
+    assert shapes["hook_image_embeds"] == "[1, 768]"
+    assert shapes["text.blocks.11.attn.hook_attn_scores"] == "[1, 12, 77, 77]"
+    assert shapes["hook_text_embeds"] == "[1, 768]"
