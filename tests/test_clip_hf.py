@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from reference import direct_hooks
 from transformers import CLIPModel
 
 from hooked_vlm import HookedVLM, HookShapeError, UnknownHookError
@@ -32,22 +33,6 @@ def inputs(clip):
     _, _, processor = clip
     images = [sample_image(seed=0), sample_image(seed=1, width=80, height=120)]
     return dict(processor(images=images, text=TEXTS, return_tensors="pt", padding=True))
-
-
-def direct_hooks(module, names_and_boundaries):
-    """PyTorch hooks placed straight on HF modules: the independent reference for every tap."""
-    store, handles = {}, []
-    for key, (path, boundary) in names_and_boundaries.items():
-        sub = module.get_submodule(path)
-        if boundary == "in":
-            handles.append(sub.register_forward_pre_hook(lambda m, a, key=key: store.__setitem__(key, a[0].detach())))
-        else:
-            handles.append(
-                sub.register_forward_hook(
-                    lambda m, a, o, key=key: store.__setitem__(key, (o[0] if isinstance(o, tuple) else o).detach())
-                )
-            )
-    return store, handles
 
 
 def block_references(raw, tower, root, n_layers, d_head, inputs):

@@ -7,6 +7,7 @@ from itertools import pairwise
 import pytest
 import torch
 from PIL import Image
+from reference import direct_hooks
 from transformers import Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
@@ -46,22 +47,6 @@ def inputs(qwen):
     _, _, processor = qwen
     texts = [chat(processor, 2, "Compare the two pictures."), chat(processor, 1, "Hi")]
     return dict(processor(text=texts, images=[SQUAT, TALL, WIDE], padding=True, padding_side="left", return_tensors="pt"))
-
-
-def direct_hooks(module, spec):
-    """PyTorch hooks placed straight on HF modules (``"in"``: first input, ``"out"``: output)."""
-    store, handles = {}, []
-    for key, (path, boundary) in spec.items():
-        sub = module.get_submodule(path)
-        if boundary == "in":
-            handles.append(sub.register_forward_pre_hook(lambda m, a, key=key: store.__setitem__(key, a[0].detach())))
-        else:
-            handles.append(
-                sub.register_forward_hook(
-                    lambda m, a, o, key=key: store.__setitem__(key, (o[0] if isinstance(o, tuple) else o).detach())
-                )
-            )
-    return store, handles
 
 
 def module_values(raw, inputs, spec):
