@@ -26,6 +26,39 @@ def axes(name: str) -> tuple[int, int | None]:
     return 1, None
 
 
+class HostCopies:
+    """Copies of GPU tensors into pinned host memory that do not block the GPU: the forward runs on while
+    activations stream out (``tensor.to("cpu")`` would stop it at every cached hook). :meth:`wait` before reading."""
+
+    def __init__(self) -> None:
+        self.devices: set[torch.device] = set()
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        self.devices.add(tensor.device)
+        return host
+
+    def wait(self) -> None:
+        for device in self.devices:
+            torch.cuda.synchronize(device)
+        self.devices.clear()
+
+
+def stash(tensor: Tensor, device: str | torch.device | None, dtype: torch.dtype | None,
+          host_copies: HostCopies) -> Tensor:
+    """``tensor`` detached, cast to ``dtype`` (floating tensors only) and moved to ``device``: a GPU tensor
+    bound for the CPU goes to pinned memory without a sync (readable after ``host_copies.wait()``)."""
+    tensor = tensor.detach()
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    if device is None:
+        return tensor
+    if tensor.is_cuda and torch.device(device).type == "cpu":
+        return host_copies(tensor)
+    return tensor.to(device)
+
+
 class Slicer:
     """Keeps only some positions (a selector over the input layout) and heads of cached activations.
 

@@ -19,10 +19,12 @@ Use it as a context manager: the model is truncated and tapped only inside the `
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hooked_vlm.cache import Slicer
 from hooked_vlm.layout import Selector
@@ -36,11 +38,15 @@ class CompiledHarvest:
 
     ``compile_kwargs`` go to ``torch.compile`` (default ``mode="max-autotune-no-cudagraphs"``: CUDA graphs would
     reuse output buffers between calls, so captured activations would be overwritten; pass
-    ``backend="eager"`` to check the plumbing without compiling).
+    ``backend="eager"`` to check the plumbing without compiling). ``attention_backends`` orders the
+    scaled-dot-product-attention kernels to try (``torch.nn.attention.SDPBackend``; the first that supports the
+    inputs runs), for the compiled trace and every call; ``None`` keeps PyTorch's choice.
     """
 
-    def __init__(self, model, names, *, compile_kwargs: dict[str, Any] | None = None):
+    def __init__(self, model, names, *, compile_kwargs: dict[str, Any] | None = None,
+                 attention_backends: Sequence[SDPBackend] | None = None):
         self.model = model
+        self.attention_backends = list(attention_backends) if attention_backends is not None else None
         self.hook_points: list[BoundHookPoint] = model.resolve_names(names)
         towers = {hp.name.split(".", 1)[0] for hp in self.hook_points}
         if len(towers) != 1:
@@ -108,7 +114,11 @@ class CompiledHarvest:
             raise RuntimeError("use CompiledHarvest as a context manager: `with CompiledHarvest(...) as harvest:`")
         prepared = self.model.prepare_inputs(inputs, **kwargs)
         self._store.clear()  # the same dict every call: compiled code guards on the objects it writes to
-        self._compiled(prepared)
+        if self.attention_backends is None:
+            self._compiled(prepared)
+        else:
+            with sdpa_kernel(self.attention_backends, set_priority=True):
+                self._compiled(prepared)
         captured = dict(self._store)
         if positions is None:
             return captured

@@ -57,3 +57,20 @@ def test_compiled_harvest_refuses_two_towers_and_use_outside_with():
         CompiledHarvest(model, ["vision.blocks.0.hook_resid_post", "text.blocks.0.hook_resid_post"])
     with pytest.raises(RuntimeError, match="context manager"):
         CompiledHarvest(model, NAMES)(sample_image())
+
+
+def test_attention_backends_pick_the_kernel():
+    from torch.nn.attention import SDPBackend
+
+    raw, processor = tiny_clip()
+    model = HookedVLM.from_hf(raw, processor)
+    images = [sample_image(seed=i) for i in range(2)]
+    with torch.no_grad():
+        _, reference = model.run_with_cache(images, names_filter=NAMES[0])
+    with CompiledHarvest(model, NAMES[:1], compile_kwargs={"backend": "eager", "mode": None},
+                         attention_backends=[SDPBackend.MATH]) as harvest:
+        torch.testing.assert_close(harvest(images)[NAMES[0]], reference[NAMES[0]], atol=1e-5, rtol=1e-5)
+    with CompiledHarvest(model, NAMES[:1], compile_kwargs={"backend": "eager", "mode": None},
+                         attention_backends=[SDPBackend.CUDNN_ATTENTION]) as harvest:
+        with pytest.raises(RuntimeError, match="No viable backend"):  # no cuDNN kernel on the CPU
+            harvest(images)
