@@ -3,7 +3,8 @@
 - :func:`harvest` / :func:`activation_stream`: activation rows ``[n, d]`` of chosen positions from images
   (a list, a folder or a Hugging Face dataset), with early stop and a record of where every row came from.
 - :func:`harvest_to_store` / :class:`ActivationStore`: a resumable on-disk store (sharded safetensors and a
-  manifest), read back as a shuffled stream.
+  manifest), read back as a shuffled stream; data-parallel under ``torchrun`` (:func:`torchrun_group`), one part
+  per rank, joined by :func:`merge_stores`.
 - :func:`train_sae` / :func:`train_saes`: sae_lens training (any architecture) from a live model, a store or
   any iterator of activations; saved in sae_lens's format.
 - ``model.add_sae(sae)`` / ``run_with_saes`` / ``run_with_cache_with_saes`` (on every ``HookedVLM``): splicing.
@@ -29,6 +30,9 @@ _EXPORTS = {
     "harvest_to_store": "store",
     "default_store_path": "store",
     "StoreMismatchError": "store",
+    "merge_stores": "store",
+    "rank_images": "distributed",
+    "torchrun_group": "distributed",
     "SAETrainingConfig": "train",
     "TrainedSAE": "train",
     "train_sae": "train",

@@ -9,6 +9,11 @@
 without ``--images`` / ``--dataset``, drawn sample images are used, so both commands run offline. ``--positions``
 is a selector for every hook (``patches``) or one per hook (``--positions lm.blocks.5.hook_resid_post=image``,
 repeated). A harvest into a folder that holds an interrupted store of the same settings resumes it.
+
+Under ``torchrun`` the harvest is data-parallel: each rank puts the model on its own GPU (``cuda:LOCAL_RANK``; gloo
+ranks on the CPU with ``--device cpu``), harvests its part of the images, and rank 0 merges the parts:
+
+    torchrun --nproc_per_node N -m hooked_vlm.sae harvest MODEL --hook NAME --images DIR --out DIR
 """
 
 from __future__ import annotations
@@ -46,9 +51,10 @@ def _positions(values: list[str] | None) -> Any:
     return dict(pairs)
 
 
-def _model(args: argparse.Namespace):
+def _model(args: argparse.Namespace, device: str | None = None):
     try:
-        return load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+        return load_model(args.model or DEFAULT_MODEL, device=device or args.device,
+                          dtype=DTYPES[args.dtype] if args.dtype else None)
     except (OSError, ValueError, TypeError, RuntimeError, KeyError) as error:
         raise CLIError(str(error)) from error
 
@@ -72,15 +78,20 @@ def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argp
 
 @_user_errors
 def cmd_harvest(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from hooked_vlm.sae.distributed import torchrun_group
     from hooked_vlm.sae.store import harvest_to_store
 
-    model = _model(args)
-    store = harvest_to_store(
-        model, _images(args), args.hook, args.out, positions=_positions(args.positions), prompt=args.prompt,
-        batch_size=args.batch_size, dtype=DTYPES[args.store_dtype] if args.store_dtype else None,
-        shard_mb=args.shard_mb, overwrite=args.overwrite, compiled=args.compiled,
-    )
-    print(store)
+    with torchrun_group(args.device) as device:  # under torchrun: this rank's GPU, in a process group
+        store = harvest_to_store(
+            _model(args, device), _images(args), args.hook, args.out, positions=_positions(args.positions),
+            prompt=args.prompt, batch_size=args.batch_size,
+            dtype=DTYPES[args.store_dtype] if args.store_dtype else None, shard_mb=args.shard_mb,
+            overwrite=args.overwrite, compiled=args.compiled,
+        )
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(store)
     return 0
 
 

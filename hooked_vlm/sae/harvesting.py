@@ -16,11 +16,13 @@ of the source), and from the layout the tile, row and col of image patches (-1 e
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,8 +36,10 @@ from tqdm.auto import tqdm
 from hooked_vlm.cache import PATTERN_HOOKS, ActivationCache
 from hooked_vlm.inputs import load_images
 from hooked_vlm.layout import InputLayout, Kind, Selector, TowerLayout
+from hooked_vlm.taps import current_device
 
 if TYPE_CHECKING:
+    from hooked_vlm.adapter import Prepared
     from hooked_vlm.model import HookedVLM
 
 #: The columns of a row's index: where in the image source and in the model input the row came from.
@@ -255,14 +259,50 @@ def _compiled_tower(model: HookedVLM, names: list[str], compiled: bool | dict[st
         yield tower
 
 
+def _prepared_batches(
+    model: HookedVLM, source: ImageSource, prompt: str | None, bounds: list[tuple[int, int]], prefetch: bool
+) -> Iterator[Prepared]:
+    """The prepared model inputs of images ``first:last`` for each ``(first, last)`` of ``bounds``, in order.
+
+    With ``prefetch``, one worker thread loads and prepares the next batch while the caller runs the current
+    forward: decoding, resizing and the processor's array work release the GIL, so the GPU does not sit idle
+    between forwards waiting on the CPU. An error in the worker is raised here, when its batch is asked for; the
+    worker is joined when the generator ends, raises or is closed early.
+    """
+
+    def prepare(bound: tuple[int, int]) -> Prepared:
+        return model.prepare_inputs(**model_inputs(model, source.load(*bound), prompt))
+
+    if not prefetch:
+        yield from map(prepare, bounds)
+        return
+    if not bounds:
+        return
+    device = current_device(model.raw_model)
+    # prepare_inputs moves the batch to the model's device; the CUDA device is per thread, and the worker's would
+    # otherwise be cuda:0 (every rank of a data-parallel harvest would then open a context on GPU 0)
+    initializer = functools.partial(torch.cuda.set_device, device) if device.type == "cuda" else None
+    with ThreadPoolExecutor(1, "harvest-prefetch", initializer) as worker:
+        future = worker.submit(prepare, bounds[0])
+        try:
+            for following in [*bounds[1:], None]:
+                prepared = future.result()
+                future = None if following is None else worker.submit(prepare, following)
+                yield prepared
+        finally:
+            if future is not None:
+                future.cancel()  # not started yet: never runs; running: the executor's exit waits for it
+
+
 def _forwards(
     model: HookedVLM, source: ImageSource, names: list[str], positions: Positions, prompt: str | None,
     batch_size: int, start: int, stop: int, device: Any, dtype: torch.dtype | None, tower: Any, progress: bool,
+    prefetch: bool,
 ) -> Iterator[HarvestBatch]:
-    with tqdm(total=stop - start, desc="harvest", unit="img", disable=not progress) as bar:
-        for first in range(start, stop, batch_size):
-            last = min(first + batch_size, stop)
-            prepared = model.prepare_inputs(**model_inputs(model, source.load(first, last), prompt))
+    bounds = [(first, min(first + batch_size, stop)) for first in range(start, stop, batch_size)]
+    batches = _prepared_batches(model, source, prompt, bounds, prefetch)
+    with tqdm(total=stop - start, desc="harvest", unit="img", disable=not progress) as bar, closing(batches):
+        for (first, last), prepared in zip(bounds, batches, strict=True):
             with torch.no_grad():
                 if tower is None:
                     _, cache = model.run_with_cache(prepared, names_filter=names, device=device, dtype=dtype)
@@ -290,6 +330,7 @@ def harvest(
     dtype: torch.dtype | None = None,
     compiled: bool | dict[str, Any] = False,
     progress: bool = True,
+    prefetch: bool = True,
 ) -> Iterator[HarvestBatch]:
     """One :class:`HarvestBatch` per forward over ``batch_size`` images of ``images`` (from ``start`` to ``stop``).
 
@@ -302,13 +343,17 @@ def harvest(
     ``compiled`` runs the forwards through :class:`hooked_vlm.compiled.CompiledHarvest` (the hooks' tower alone,
     truncated after the deepest hook, through ``torch.compile``; a dict gives ``torch.compile`` arguments): for
     long harvests of one tower of the families that support it (CLIP), on a GPU.
+
+    ``prefetch`` loads and prepares the next batch in a worker thread while the current forward runs (the rows
+    are the same either way); the image source is then read from that thread, which lists, folders and datasets
+    allow. Turn it off for a source that must be read from the calling thread.
     """
     names = check_hooks(model, [hook_names] if isinstance(hook_names, str) else hook_names, positions)
     source = image_source(images)
     stop = len(source) if stop is None else min(stop, len(source))
     with _compiled_tower(model, names, compiled) as tower:
         yield from _forwards(model, source, names, positions, prompt, batch_size, start, stop, device, dtype, tower,
-                             progress)
+                             progress, prefetch)
 
 
 def activation_stream(
@@ -324,20 +369,21 @@ def activation_stream(
     compiled: bool | dict[str, Any] = False,
     loop: bool = True,
     progress: bool = True,
+    prefetch: bool = True,
 ) -> Iterator[Tensor] | Iterator[dict[str, Tensor]]:
     """Activation rows for training: ``[n, d]`` per forward for one hook, ``{hook: [n, d]}`` for several.
 
     With ``loop`` the images are gone through again and again (sae_lens trainers call ``next`` until they have
     seen their number of samples). Rows come in image order: shuffle them with a mixing buffer
     (:func:`sae_lens.training.mixing_buffer.mixing_buffer`), as :func:`~hooked_vlm.sae.train_sae` does.
-    ``compiled``: as for :func:`harvest` (compiled once for all passes).
+    ``compiled``: as for :func:`harvest` (compiled once for all passes); ``prefetch``: as for :func:`harvest`.
     """
     names = check_hooks(model, [hook_names] if isinstance(hook_names, str) else hook_names, positions)
     source = image_source(images)
     with _compiled_tower(model, names, compiled) as tower:
         for epoch in itertools.count():
             for batch in _forwards(model, source, names, positions, prompt, batch_size, 0, len(source), device, dtype,
-                                   tower, progress and epoch == 0):
+                                   tower, progress and epoch == 0, prefetch):
                 yield batch.acts[names[0]] if isinstance(hook_names, str) else batch.acts
             if not loop:
                 return

@@ -11,15 +11,24 @@ Writing is crash-safe and resumable: a shard holds whole forwards (all rows of i
 temporary file and renamed, and only then is it added to the manifest (also written to a temporary file and
 renamed). After an interruption, harvesting the same source into the same folder removes files the manifest
 does not list and continues with the first image no listed shard holds: no row is lost or written twice.
+
+A data-parallel harvest (``torchrun``; see :mod:`hooked_vlm.sae.distributed`) writes one such store per rank, for
+its run of images (``image_range`` in its manifest), and the manifest at the top lists their shards::
+
+    manifest.json            the same settings, "parts": ["rank-0-of-2", "rank-1-of-2"], and every part's shards
+    rank-0-of-2/             images 0:k, a store of its own (manifest.json, shard_00000.safetensors, ...)
+    rank-1-of-2/             images k:n
 """
 
 # ruff: noqa: F722  (jaxtyping shape strings are not forward references)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +38,16 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from hooked_vlm.sae.harvesting import INDEX_COLUMNS, Positions, check_hooks, describe_positions, harvest, image_source
+from hooked_vlm.sae.distributed import part_folder, process_group_rank, rank_images
+from hooked_vlm.sae.harvesting import (
+    INDEX_COLUMNS,
+    ImageSource,
+    Positions,
+    check_hooks,
+    describe_positions,
+    harvest,
+    image_source,
+)
 
 if TYPE_CHECKING:
     from hooked_vlm.model import HookedVLM
@@ -37,12 +55,13 @@ if TYPE_CHECKING:
 FORMAT = "hooked_vlm.activations/1"
 MANIFEST = "manifest.json"
 DEFAULT_ROOT = Path("models/activations")
-#: manifest keys a resumed harvest must agree on
-_SETTINGS = ("model", "hook_names", "positions", "prompt", "dtype", "batch_size", "image_ids")
+#: manifest keys a resumed harvest must agree on (and the parts of a data-parallel harvest, but for image_range)
+_SETTINGS = ("model", "hook_names", "positions", "prompt", "dtype", "batch_size", "image_ids", "image_range")
 
 
 class StoreMismatchError(ValueError):
-    """Resuming a store with a different model, hooks, selector, prompt, dtype, batch size or images."""
+    """Resuming a store with a different model, hooks, selector, prompt, dtype, batch size or images; merging
+    parts that differ so; mixing a single-process and a data-parallel harvest in one folder."""
 
 
 def slug(text: str) -> str:
@@ -69,6 +88,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest = json.loads(path.read_text())
+    # written before data-parallel harvests: a store then always held the whole source
+    manifest.setdefault("image_range", [0, len(manifest["image_ids"])])
+    return manifest
+
+
 class ActivationStore:
     """A store folder, opened for reading (see the module docstring for its layout)."""
 
@@ -77,13 +103,16 @@ class ActivationStore:
         manifest = self.path / MANIFEST
         if not manifest.is_file():
             raise FileNotFoundError(f"no activation store at {self.path} ({MANIFEST} missing)")
-        self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        self.manifest: dict[str, Any] = _read_manifest(manifest)
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest} is not a {FORMAT} manifest")
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{h}: {n}" for h, n in self.n_rows.items())
-        state = "complete" if self.complete else f"{self.manifest['n_images_done']}/{len(self.image_ids)} images"
+        start, stop = self.image_range
+        state = "complete" if self.complete else f"{self.manifest['n_images_done'] - start}/{stop - start} images"
+        if (start, stop) != (0, len(self.image_ids)):
+            state = f"images {start}:{stop} of {len(self.image_ids)}, {state}"
         return f"ActivationStore({self.path}, {state}, rows {{{rows}}})"
 
     # ---- what is in it -------------------------------------------------------------------------------------------
@@ -101,8 +130,14 @@ class ActivationStore:
         return described[hook_name] if isinstance(described, dict) and "patch_mask" not in described else described
 
     @property
+    def image_range(self) -> tuple[int, int]:
+        """The images ``start:stop`` of the source this store holds: all of them but in one rank's part."""
+        start, stop = self.manifest["image_range"]
+        return start, stop
+
+    @property
     def complete(self) -> bool:
-        return self.manifest["n_images_done"] == len(self.manifest["image_ids"])
+        return self.manifest["n_images_done"] == self.image_range[1]
 
     @property
     def n_rows(self) -> dict[str, int]:
@@ -207,14 +242,24 @@ def harvest_to_store(
     compiled: bool | dict[str, Any] = False,
     progress: bool = True,
     model_name: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    prefetch: bool = True,
 ) -> ActivationStore:
     """Harvest ``images`` into a store at ``path``, resuming a store that was interrupted.
 
     ``dtype`` (default: the model's) is what rows are stored in; rows are bit-exact copies of the activations
     when it is the model's. Shards are cut after about ``shard_mb`` megabytes (all hooks together). A folder
     holding a store of other settings raises :class:`StoreMismatchError` unless ``overwrite``, which starts over.
-    ``model_name`` is recorded in the manifest (default: the checkpoint's name). ``compiled``: as for
-    :func:`~hooked_vlm.sae.harvest`.
+    ``model_name`` is recorded in the manifest (default: the checkpoint's name). ``compiled`` and ``prefetch``: as
+    for :func:`~hooked_vlm.sae.harvest`.
+
+    Data-parallel: in an initialised ``torch.distributed`` process group (``torchrun``), every rank harvests its
+    run of images (:func:`~hooked_vlm.sae.distributed.rank_images`) into ``path/rank-R-of-W``, a resumable store
+    of its own, with the model on its own device; rank 0 then merges the parts (:func:`merge_stores`) and every
+    rank returns the merged store. Progress is shown by rank 0 only. Given ``rank`` and ``world_size`` instead
+    (separate jobs, no process group), the call harvests that rank's part only and returns it: merge with
+    :func:`merge_stores` once every part is done. Rows are those of a single-process harvest, in the same order.
     """
     names = check_hooks(model, [hook_names] if isinstance(hook_names, str) else hook_names, positions)
     source = image_source(images)
@@ -229,7 +274,45 @@ def harvest_to_store(
         "dtype": str(dtype).removeprefix("torch."),
         "batch_size": batch_size,
         "image_ids": source.ids,
+        "image_range": [0, len(source)],
     }
+    into = functools.partial(_harvest, model, source, names, positions=positions, prompt=prompt,
+                             batch_size=batch_size, dtype=dtype, shard_mb=shard_mb, overwrite=overwrite,
+                             compiled=compiled, prefetch=prefetch)
+    if (rank is None) != (world_size is None):
+        raise ValueError("give both rank and world_size (a part of a data-parallel harvest), or neither")
+    group = process_group_rank() if rank is None else None  # under torchrun: (rank, world_size)
+    if group is not None:
+        rank, world_size = group
+    elif rank is None or world_size is None:
+        return into(path, settings, progress=progress)
+
+    if overwrite and rank == 0:  # the other ranks only write their own parts meanwhile
+        _remove_parts(path, keep=[part_folder(r, world_size) for r in range(world_size)])
+        for file in [path / MANIFEST, *path.glob("shard_*")]:
+            file.unlink(missing_ok=True)
+    elif not overwrite:
+        _refuse_single_process_store(path)
+    start, stop = rank_images(len(source), batch_size, rank, world_size)
+    part = into(path / part_folder(rank, world_size), settings | {"image_range": [start, stop]},
+                progress=progress and (group is None or rank == 0))
+    if group is None:
+        return part
+    import torch.distributed as dist
+
+    dist.barrier()  # every part is written
+    if rank == 0:
+        merge_stores(path)
+    dist.barrier()  # the merged manifest is written
+    return ActivationStore(path)
+
+
+def _harvest(
+    model: HookedVLM, source: ImageSource, names: list[str], path: Path, settings: dict[str, Any], *,
+    positions: Positions, prompt: str | None, batch_size: int, dtype: torch.dtype, shard_mb: float, overwrite: bool,
+    compiled: bool | dict[str, Any], progress: bool, prefetch: bool,
+) -> ActivationStore:
+    """Harvest images ``settings["image_range"]`` of ``source`` into the store at ``path``, resuming it."""
     manifest = _open_for_writing(path, settings, overwrite)
     manifest["source"] = source.description
     pending: list[Any] = []
@@ -244,9 +327,11 @@ def harvest_to_store(
         pending.clear()
         pending_bytes = 0
 
+    # rows are selected on the model's device, and only they are copied to the CPU, not whole activations
     for batch in harvest(model, source, names, positions=positions, prompt=prompt, batch_size=batch_size,
-                         start=manifest["n_images_done"], device="cpu", dtype=dtype, compiled=compiled,
-                         progress=progress):
+                         start=manifest["n_images_done"], stop=settings["image_range"][1], dtype=dtype,
+                         compiled=compiled, progress=progress, prefetch=prefetch):
+        batch.acts = {hook: rows.cpu() for hook, rows in batch.acts.items()}
         pending.append(batch)
         pending_bytes += sum(a.numel() * a.element_size() for a in batch.acts.values())
         if pending_bytes >= shard_mb * 2**20:
@@ -260,7 +345,7 @@ def _open_for_writing(path: Path, settings: dict[str, Any], overwrite: bool) -> 
     """The manifest to continue from (a fresh one for a new folder); stray files from a crash are removed."""
     manifest_path = path / MANIFEST
     if manifest_path.is_file() and not overwrite:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = _read_manifest(manifest_path)
         different = [key for key in _SETTINGS if manifest.get(key) != settings[key]]
         if different:
             raise StoreMismatchError(
@@ -271,8 +356,9 @@ def _open_for_writing(path: Path, settings: dict[str, Any], overwrite: bool) -> 
         if overwrite and path.is_dir():
             for file in path.glob("shard_*.safetensors*"):
                 file.unlink()
+            _remove_parts(path)
         manifest = {"format": FORMAT, **settings, "index_columns": list(INDEX_COLUMNS), "d_in": {},
-                    "n_images_done": 0, "shards": []}
+                    "n_images_done": settings["image_range"][0], "shards": []}
         path.mkdir(parents=True, exist_ok=True)
         _write_json(manifest_path, manifest)
     listed = {shard["file"] for shard in manifest["shards"]}
@@ -280,6 +366,79 @@ def _open_for_writing(path: Path, settings: dict[str, Any], overwrite: bool) -> 
         if file.name not in listed:  # written after the last manifest update, or half-written: redone below
             file.unlink()
     return manifest
+
+
+def _parts(path: Path) -> list[Path]:
+    """The part folders (``rank-R-of-W``) of data-parallel harvests in ``path``."""
+    return sorted(folder for folder in path.glob("rank-*-of-*") if folder.is_dir())
+
+
+def _remove_parts(path: Path, keep: Sequence[str] = ()) -> None:
+    for folder in _parts(path):
+        if folder.name not in keep:
+            shutil.rmtree(folder)
+
+
+def _refuse_single_process_store(path: Path) -> None:
+    manifest = path / MANIFEST
+    if manifest.is_file() and "parts" not in _read_manifest(manifest):
+        raise StoreMismatchError(
+            f"{path} holds a store harvested by a single process; a data-parallel harvest writes parts next to it "
+            "that could not be merged: harvest into another folder or pass overwrite=True to start it over"
+        )
+
+
+def merge_stores(path: str | os.PathLike) -> ActivationStore:
+    """Merge the parts of a data-parallel harvest (the stores in ``path/rank-R-of-W``) into one store at ``path``.
+
+    The manifest written at ``path`` lists every part's shards in image order; the shard files stay where the
+    parts wrote them. The parts must share their settings (model, hooks, selector, prompt, dtype, batch size,
+    images), be complete, and hold runs of images that neither overlap nor leave a gap; otherwise this raises,
+    naming the parts and images at fault. ``harvest_to_store`` calls it under ``torchrun``; call it yourself when
+    the ranks ran as separate jobs (``harvest_to_store(..., rank=r, world_size=w)``), once all of them are done.
+    """
+    path = Path(path)
+    _refuse_single_process_store(path)
+    parts = [ActivationStore(folder) for folder in _parts(path) if (folder / MANIFEST).is_file()]
+    if not parts:
+        raise FileNotFoundError(f"no parts of a data-parallel harvest (rank-R-of-W/{MANIFEST}) in {path}")
+    parts.sort(key=lambda part: part.image_range)
+    first = parts[0]
+    for part in parts[1:]:
+        different = [key for key in _SETTINGS if key != "image_range" and part.manifest[key] != first.manifest[key]]
+        if different:
+            raise StoreMismatchError(f"{part.path.name} and {first.path.name} in {path} were harvested with other "
+                                     f"{', '.join(different)}")
+    covered, previous = 0, None
+    for part in parts:
+        start, stop = part.image_range
+        if start < covered:
+            raise ValueError(f"{part.path.name} (images {start}:{stop}) overlaps {previous.path.name} (images "
+                             f"{previous.image_range[0]}:{covered}) in {path}: remove the parts of an earlier "
+                             "harvest (a harvest with overwrite=True does)")
+        if start > covered:
+            raise ValueError(f"no part in {path} holds images {covered}:{start} (parts: "
+                             f"{', '.join(p.path.name for p in parts)})")
+        covered, previous = stop, part
+    if covered != len(first.image_ids):
+        raise ValueError(f"no part in {path} holds images {covered}:{len(first.image_ids)} (parts: "
+                         f"{', '.join(p.path.name for p in parts)})")
+    unfinished = [f"{p.path.name} ({p.manifest['n_images_done'] - p.image_range[0]}/"
+                  f"{p.image_range[1] - p.image_range[0]} images)" for p in parts if not p.complete]
+    if unfinished:
+        raise ValueError(f"parts not finished in {path}: {', '.join(unfinished)}; run their harvests again to "
+                         "resume them")
+    manifest = {
+        **first.manifest,
+        "image_range": [0, len(first.image_ids)],
+        "n_images_done": len(first.image_ids),
+        "d_in": {hook: d for part in parts for hook, d in part.manifest["d_in"].items()},
+        "parts": [part.path.name for part in parts],
+        "shards": [{**shard, "file": f"{part.path.name}/{shard['file']}"}
+                   for part in parts for shard in part.manifest["shards"]],
+    }
+    _write_json(path / MANIFEST, manifest)
+    return ActivationStore(path)
 
 
 def _write_shard(path: Path, number: int, hook_names: list[str], batches: list[Any]) -> dict[str, Any]:
