@@ -239,6 +239,7 @@ def _vision_tower(images: list[ImagePacking]) -> TowerLayout:
 @register_adapter
 class LlavaOnevisionAdapter(Adapter):
     family = "llava_onevision"
+    image_features_method = ("model", "get_image_features")
 
     @classmethod
     def matches_model(cls, model) -> bool:
@@ -346,8 +347,7 @@ class LlavaOnevisionAdapter(Adapter):
         model_kwargs |= model_keywords(self.model, kwargs)
         if "pixel_values_videos" in model_kwargs:
             raise NotImplementedError("video inputs are not supported yet by the LLaVA-OneVision adapter")
-        # inputs go where the LM's embedding lives: with a device_map, accelerate moves them on from there
-        return Prepared(to_model(model_kwargs, self.model.get_input_embeddings()), partial(self._layout, model_kwargs))
+        return Prepared(to_model(model_kwargs, self.model), partial(self._layout, model_kwargs))
 
     # ---- layout -----------------------------------------------------------------------------------------------------
     def image_packing(

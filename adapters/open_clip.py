@@ -257,6 +257,8 @@ class OpenCLIPAdapter(Adapter):
         """
         if attn_implementation is not None:
             raise ValueError("attn_implementation is a transformers option; open_clip models run nn.MultiheadAttention")
+        if "device_map" in open_clip_kwargs:
+            raise ValueError("device_map is a transformers option; open_clip models load on one device (device=)")
         model_name, pretrained = _parse_name(name)
         if pretrained is not None:
             tag = open_clip.get_pretrained_cfg(model_name, pretrained)

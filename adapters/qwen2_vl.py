@@ -262,6 +262,7 @@ def _lm_tower(
 @register_adapter
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
+    image_features_method = ("model", "get_image_features")
 
     @classmethod
     def matches_model(cls, model) -> bool:
@@ -360,8 +361,7 @@ class Qwen2VLAdapter(Adapter):
         if "image_grid_thw" in model_kwargs and "mm_token_type_ids" not in model_kwargs:
             # 4.x processors did not return it; 5.x models require it (it marks the image tokens for M-RoPE)
             model_kwargs["mm_token_type_ids"] = (model_kwargs["input_ids"] == self.model.config.image_token_id).long()
-        # inputs go where the LM's embedding lives: with a device_map, accelerate moves them on from there
-        return Prepared(to_model(model_kwargs, self.model.get_input_embeddings()), lambda: self._layout(model_kwargs))
+        return Prepared(to_model(model_kwargs, self.model), lambda: self._layout(model_kwargs))
 
     def _process(self, inputs, text, prompt, min_pixels, max_pixels) -> dict[str, Any]:
         if isinstance(inputs, Tensor):

@@ -65,6 +65,10 @@ class Adapter:
     family: ClassVar[str] = ""
     #: prefix of the module-path escape hatch names (``hf.<module path>.hook_out``)
     raw_prefix: ClassVar[str] = "hf"
+    #: ``(module path, method)`` whose result's ``pooler_output`` (one tensor per image, in batch order) is all that
+    #: the language model takes from the vision side: batched patching of LM hooks answers it from one base run
+    #: instead of running the vision tower again for every copy (``None``: no such boundary)
+    image_features_method: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, model: nn.Module, processor: Any = None):
         self.model = model

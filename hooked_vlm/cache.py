@@ -160,11 +160,13 @@ class ActivationCache(Mapping[str, Tensor]):
         return sorted(fnmatch.filter(self.cache_dict, pattern), key=_natural_key)
 
     def stack(self, pattern: str, return_labels: bool = False):
-        """Stack every cached tensor whose name matches ``pattern`` along a new leading axis (layer order)."""
+        """Stack every cached tensor whose name matches ``pattern`` along a new leading axis (layer order), on the
+        device of the first (a cache of a model spread over several GPUs holds each tensor where it was made)."""
         names = self.names(pattern)
         if not names:
             raise KeyError(f"no cached hook matches {pattern!r}")
-        stacked = torch.stack([self.cache_dict[n] for n in names])
+        device = self.cache_dict[names[0]].device
+        stacked = torch.stack([self.cache_dict[n].to(device) for n in names])
         return (stacked, names) if return_labels else stacked
 
     def to_patch_grid(self, name: str) -> Tensor:

@@ -120,7 +120,8 @@ def chat_prompts(processor: Any, inputs: Any, text: Any, prompt: Any) -> tuple[l
 
 
 def to_model(kwargs: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
-    """Tensors moved to the model's input device; floating tensors cast to the model's dtype."""
+    """Tensors moved to the model's input device (:func:`~hooked_vlm.taps.current_device`: with a device_map,
+    where accelerate runs the model's forward); floating tensors cast to the model's dtype."""
     device = current_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     moved: dict[str, Any] = {}

@@ -18,7 +18,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from hooked_vlm.adapter import ADAPTERS, Adapter, Prepared
-from hooked_vlm.cache import ActivationCache, Slicer
+from hooked_vlm.cache import ActivationCache, HostCopies, Slicer, stash
 from hooked_vlm.layout import Selector
 from hooked_vlm.sae.splice import SAEHooksMixin
 from hooked_vlm.taps import BoundHookPoint, InputTap, OutputTap, Run, StopForward, install_taps, remove_all
@@ -90,7 +90,11 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, model: nn.Module, processor: Any = None) -> HookedVLM:
-        """Wrap an already-built model of a supported family (random or pretrained) and, optionally, its processor."""
+        """Wrap an already-built model of a supported family (random or pretrained) and, optionally, its processor.
+
+        A model spread over several devices by accelerate (``accelerate.dispatch_model``,
+        :func:`hooked_vlm.testing.dispatch`) is wrapped as it is; see :meth:`from_pretrained` for what changes.
+        """
         _ensure_adapters_loaded()
         for adapter in ADAPTERS:
             if adapter.matches_model(model):
@@ -111,7 +115,16 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         """Load a checkpoint and its own processor, picking the adapter from the checkpoint's config.
 
         ``name_or_path`` is a Hugging Face hub id or local folder, or ``open_clip:ARCH/PRETRAINED``. The default
-        device is CUDA; without CUDA pass ``device="cpu"``. ``device_map=...`` (accelerate) is passed through.
+        device is CUDA; without CUDA pass ``device="cpu"``.
+
+        Several GPUs: pass ``device_map`` (``"auto"``: even over the visible GPUs; ``"sequential"``;
+        ``"balanced_low_0"``; or a dict module path → device), with ``max_memory`` (``{0: "40GiB", 1: "40GiB"}``)
+        and ``offload_folder`` as transformers takes them: accelerate places the weights and moves activations
+        between devices, and ``device`` is not used. Inputs then go to the device accelerate runs the model's
+        forward on, and its output comes back there; every hook sees its value on the device of the module it
+        sits at (a block's ``hook_resid_pre`` on the previous block's), and hooks that add or replace values
+        (steering, patching, SAEs, ablation) move what they add to that device. ``run_with_cache(device=...)``
+        gathers a cache on one device or the CPU.
         """
         _ensure_adapters_loaded()
         explicit = device is not _UNSET
@@ -315,7 +328,9 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
 
         With ``stop_early`` (default) and an explicit ``names_filter``, the forward stops as soon as every hook
         point with hooks attached has fired, and the returned output is ``None``. ``device`` / ``dtype`` say where
-        and in which dtype cached tensors are kept. ``incl_bwd`` backpropagates from the (scalar) output and
+        and in which dtype cached tensors are kept; with ``device="cpu"`` each GPU activation is copied into pinned
+        host memory as soon as it is produced, without stopping the forward, so the GPU never holds the cache.
+        ``incl_bwd`` backpropagates from the (scalar) output and
         caches gradients under ``<name>_grad``. ``positions`` (a selector: ``"image"``, ``"patches"``, a patch mask,
         ...) keeps only those positions of every cached hook (the query axis of patterns) and ``heads`` only those
         query heads, so e.g. a long prompt's LM patterns fit in memory.
@@ -324,15 +339,12 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         prepared = self.prepare_inputs(inputs, text=text, prompt=prompt, **kwargs)
         cache: dict[str, Tensor] = {}
         sliced = Slicer(prepared, positions, list(heads) if heads is not None else None)
+        host_copies = HostCopies()
 
         def save(tensor: Tensor, hook: BoundHookPoint, suffix: str = "") -> None:
             if positions is not None or heads is not None:
                 tensor = sliced(hook.name, tensor)
-            tensor = tensor.detach()
-            if device is not None or dtype is not None:
-                keep_dtype = dtype if dtype is not None and tensor.is_floating_point() else None
-                tensor = tensor.to(device=device, dtype=keep_dtype)
-            cache[hook.name + suffix] = tensor
+            cache[hook.name + suffix] = stash(tensor, device, dtype, host_copies)
 
         fwd_hooks = [(hp.name, save) for hp in hook_points]
         bwd_hooks = [(hp.name, lambda t, hook: save(t, hook, "_grad")) for hp in hook_points] if incl_bwd else []
@@ -344,6 +356,7 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
                 if scalar is None or scalar.numel() != 1:
                     raise ValueError("incl_bwd=True needs a scalar model output; use run_with_hooks and a readout")
                 scalar.backward()
+        host_copies.wait()
         if isinstance(names_filter, (str, list, tuple)):
             silent = [hp.name for hp in hook_points if hp.name not in cache]
             if silent:
@@ -372,14 +385,16 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         """
         prepared = self.prepare_inputs(inputs, text=text, prompt=prompt)
         step_cache: dict[str, list[Tensor]] = {}
+        host_copies = HostCopies()
 
         def record(tensor: Tensor, hook: BoundHookPoint) -> None:
-            step_cache.setdefault(hook.name, []).append(tensor.detach().to(cache_device))
+            step_cache.setdefault(hook.name, []).append(stash(tensor, cache_device, None, host_copies))
 
         fwd_hooks = [(hp.name, record) for hp in self.resolve_names(cache_names)] if cache_names is not None else []
         with self.hooks(fwd_hooks):
             with self._running(prepared), self._taps(stop_early=False):
                 sequences = self.adapter.generate(prepared, **generate_kwargs)
+        host_copies.wait()
         n_prompt = self.adapter.prompt_length(prepared)
         new_tokens = sequences[:, n_prompt:]
         return Generation(sequences, new_tokens, self.adapter.decode(new_tokens), step_cache, prepared.layout)

@@ -547,21 +547,30 @@ def _sweep(
     return out
 
 
+#: an instance attribute of a module of the wrapped model: ``(module path, attribute name)``
+_Attribute = tuple[str, str]
+
+
 class _Prefix:
-    """The base run's block outputs, replayed for the blocks before the earliest patched block of a batch.
+    """What a patch cannot change, computed once in the base run and replayed for every copy of a batch.
 
     A patch at block ``l`` cannot change blocks ``0 .. l-1`` of its tower, so those blocks of every copy return
     what the unpatched base run computed instead of computing it again (exact; every block of the supported
-    towers returns a plain tensor). Not used when the readout reads a hook inside those blocks. Outputs are
-    cached on first need, once per sweep.
+    towers returns a plain tensor). Not used when the readout reads a hook inside those blocks. A patch in the
+    language model cannot change the vision side either: where the adapter names the method that hands the image
+    features to the LM (``image_features_method``), it answers with the base run's features, and the vision tower
+    does not run at all (not when the readout reads a hook outside the LM). Values are cached on first need, once
+    per sweep.
     """
 
     def __init__(self, model: Any, base: Prepared, readout: Readout):
         self.model, self.base, self.readout = model, base, readout
         self.cache: dict[str, Tensor] = {}
+        self.image_features: list[Any] | None = None  # the base run's image-features result, once recorded
 
-    def outputs(self, hook_names: Sequence[str], copies: _Copies) -> dict[str, Callable[[], Tensor]]:
-        """Module path → a function giving that block's output for every copy, for the blocks to replay."""
+    def outputs(self, hook_names: Sequence[str], copies: _Copies) -> dict[_Attribute, Callable[[], Any]]:
+        """Module attribute → a function giving its result for every copy (``forward`` of the blocks to replay,
+        the image-features method)."""
         parts = [block_parts(name) for name in hook_names]
         if not all(parts) or len({p[0] for p in parts}) != 1:
             return {}
@@ -573,40 +582,78 @@ class _Prefix:
         taps = [self.model.hook_point(name).tap for name in names]
         if not all(isinstance(tap, OutputTap) for tap in taps):
             return {}
+        features = self.model.adapter.image_features_method
+        if tower != "lm" or not all(name.startswith("lm.") for name in self.readout.hook_names):
+            features = None
+        if features and self.image_features is None:  # recorded in a run that stops where the LM starts
+            self.image_features = []
+            with _shadow(self.model, {features: _recorder(self.model, features, self.image_features)}):
+                with torch.no_grad():
+                    self.model.run_with_cache(self.base, names_filter="lm.blocks.0.hook_resid_pre")
+        if not self.image_features:  # not asked for, or an input without images
+            features = None
+        known = {features: partial(_answer, lambda: self.image_features[0])} if features else {}
         missing = [name for name in names if name not in self.cache]
         if missing:
-            self.cache.update(_cache(self.model, self.base, missing, None)[1])
-        return {tap.module: partial(self._tiled, tap, name, copies) for tap, name in zip(taps, names, strict=True)}
+            with _shadow(self.model, known):
+                self.cache.update(_cache(self.model, self.base, missing, None)[1])
+        replayed: dict[_Attribute, Callable[[], Any]] = {
+            (tap.module, "forward"): partial(self._tiled, tap, name, copies) for tap, name in zip(taps, names, strict=True)
+        }
+        if features:
+            replayed[features] = partial(self._tiled_features, copies)
+        return replayed
 
     def _tiled(self, tap: OutputTap, name: str, copies: _Copies) -> Tensor:
         """The block's output for every copy, as the block returns it (e.g. without the packed axis the hook adds)."""
         return tap.view.from_hook(None, copies.tile(name, self.cache[name], torch.ones(copies.n)))
+
+    def _tiled_features(self, copies: _Copies) -> Any:
+        """The base run's image features for every copy: copy ``r``'s images follow copy ``r - 1``'s."""
+        (result,) = self.image_features
+        return type(result)(pooler_output=(torch.cat(list(result.pooler_output)).repeat(copies.n, 1),))
 
 
 _MISSING = object()
 
 
 @contextmanager
-def _replay(model: Any, outputs: Mapping[str, Callable[[], Tensor]]):
-    """Modules (by path) answer with ``outputs[path]()`` instead of computing: their instance ``forward`` is shadowed
-    for the block (hooks on them still fire) and whatever the instance had before is put back."""
+def _shadow(model: Any, replacements: Mapping[_Attribute, Callable]):
+    """Instance attributes of modules of the wrapped model replaced for the block (hooks on the modules still fire);
+    whatever each instance had before is put back."""
     shadowed = []
     try:
-        for path, output in outputs.items():
+        for (path, attribute), replacement in replacements.items():
             module = model.raw_model.get_submodule(path)
-            shadowed.append((module, module.__dict__.get("forward", _MISSING)))
-            module.forward = partial(_answer, output)
+            shadowed.append((module, attribute, module.__dict__.get(attribute, _MISSING)))
+            setattr(module, attribute, replacement)
         yield
     finally:
-        for module, previous in reversed(shadowed):
+        for module, attribute, previous in reversed(shadowed):
             if previous is _MISSING:
-                del module.forward
+                delattr(module, attribute)
             else:
-                module.forward = previous
+                setattr(module, attribute, previous)
 
 
-def _answer(output: Callable[[], Tensor], *args: Any, **kwargs: Any) -> Tensor:
+def _replay(model: Any, outputs: Mapping[_Attribute, Callable[[], Any]]):
+    """The attributes answer with ``outputs[attribute]()`` instead of computing."""
+    return _shadow(model, {attribute: partial(_answer, output) for attribute, output in outputs.items()})
+
+
+def _answer(output: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
     return output()
+
+
+def _recorder(model: Any, attribute: _Attribute, into: list[Any]) -> Callable:
+    """The attribute's method, also appending each result to ``into``."""
+    method = getattr(model.raw_model.get_submodule(attribute[0]), attribute[1])
+
+    def record(*args: Any, **kwargs: Any) -> Any:
+        into.append(method(*args, **kwargs))
+        return into[-1]
+
+    return record
 
 
 def _setter(source: Tensor, entries: list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]) -> Callable:
@@ -616,7 +663,7 @@ def _setter(source: Tensor, entries: list[tuple[tuple[Tensor, ...], tuple[Tensor
 
     def patch(tensor: Tensor, hook) -> Tensor:
         tensor = tensor.clone()
-        tensor[tuple(i.to(tensor.device) for i in destination)] = picked.to(tensor.dtype)
+        tensor[tuple(i.to(tensor.device) for i in destination)] = picked.to(tensor.device, tensor.dtype)
         return tensor
 
     return patch
@@ -764,7 +811,7 @@ def ablation_hooks(
                 raise ValueError(f"ablation hooks built for {name!r} of shape {tuple(where.shape)} [batch, pos] got "
                                  f"{tuple(tensor.shape)}: they apply to runs on the inputs they were built for")
             replacement = fixed if fixed is not None else _ablation_values(name, tensor, where, value)
-            return torch.where(_broadcast(where, tensor), replacement.to(tensor.dtype), tensor)
+            return torch.where(_broadcast(where, tensor), replacement.to(tensor.device, tensor.dtype), tensor)
 
         result.append((name, ablate))
     return result
@@ -808,7 +855,7 @@ def _broadcast(mask: Bool[Tensor, "batch pos"], value: Tensor) -> Tensor:
 
 
 def _add(shift: Tensor, tensor: Tensor, hook) -> Tensor:
-    return tensor + shift.to(tensor.dtype)
+    return tensor + shift.to(tensor.device, tensor.dtype)
 
 
 def _add_leaf(leaves: dict[str, Tensor], tensor: Tensor, hook) -> Tensor:

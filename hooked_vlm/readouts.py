@@ -90,7 +90,10 @@ class _Combined(Readout):
 
     def __call__(self, output, cache):
         evaluate = lambda x: x(output, cache) if isinstance(x, Readout) else x  # noqa: E731
-        return self.op(evaluate(self.a), evaluate(self.b))
+        a, b = evaluate(self.a), evaluate(self.b)
+        if isinstance(a, Tensor) and isinstance(b, Tensor):  # e.g. logits and a probe on different devices
+            b = b.to(a.device)
+        return self.op(a, b)
 
     def __repr__(self) -> str:
         return f"({self.a!r} {self.symbol} {self.b!r})"

@@ -142,6 +142,8 @@ class Run:
                 raise HookShapeError(
                     f"hook on {hp.name!r} returned shape {tuple(y.shape)}, expected {tuple(x.shape)}"
                 )
+            if y.device != x.device:  # e.g. a value from a cache kept on the CPU or on another GPU of a device_map
+                y = y.to(x.device)
         if self.pending is not None and not hp.tap.fires_repeatedly:
             self.done(hp)
         return y
@@ -276,7 +278,9 @@ class ResidualSumTap(Tap):
 
         def hook(module, args, output):
             branch, put = _first(output)
-            resid_pre = stash["resid_pre"]
+            # the block's pre-hook sees its input before accelerate moves it to the block's device (a no-op
+            # unless a device_map splits the model there)
+            resid_pre = stash["resid_pre"].to(branch.device)
             mid = resid_pre + branch
             h = view.to_hook(mid)
             version = h._version  # mid is a fresh sum, not the model's tensor: in-place edits must be written back too
@@ -377,8 +381,35 @@ def module_exists(root: nn.Module, path: str) -> bool:
     return True
 
 
+def execution_device(module: nn.Module) -> torch.device | None:
+    """The device accelerate runs ``module`` on (``dispatch_model``, ``device_map=``, offloading), or ``None``.
+
+    accelerate wraps the forward of a dispatched module with an ``AlignDevicesHook`` (several in a
+    ``SequentialHook``) that moves its inputs, and offloaded weights, to its execution device.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", (hook,)):
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return None
+
+
 def current_device(module: nn.Module) -> torch.device:
-    """The device inputs should go to: the first parameter's (accelerate puts the embeddings there)."""
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
+    """The device inputs should go to.
+
+    A model dispatched by accelerate moves every input to the execution device of the hook on its root (and its
+    outputs back to where the inputs were), so inputs go there directly: one copy, not two. Otherwise the first
+    parameter's device; parameters offloaded to the CPU or disk are on the meta device, and then it is the
+    execution device of the first module accelerate hooked (``accelerate.cpu_offload`` leaves the root's own hook
+    without one). A model built on the meta device (shape checks) takes meta inputs.
+    """
+    device = execution_device(module)
+    if device is not None:
+        return device
+    first = next(module.parameters(), None)
+    if first is None:
+        return torch.device("cpu")
+    if first.device.type != "meta":
+        return first.device
+    return next((d for d in map(execution_device, module.modules()) if d is not None), first.device)

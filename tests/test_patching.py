@@ -220,6 +220,23 @@ def test_reusing_the_base_runs_early_blocks_changes_no_value(name, family, posit
     torch.testing.assert_close(reused.values, recomputed.values, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["llava_onevision", "qwen2_vl"])
+def test_patches_in_the_lm_reuse_the_base_runs_image_features(name, llava, qwen, monkeypatch):
+    case = llava if name == "llava_onevision" else qwen
+    path, method = case.model.adapter.image_features_method
+    owner = type(case.model.raw_model.get_submodule(path))
+    calls = []
+    original = getattr(owner, method)
+    monkeypatch.setattr(owner, method, lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    args = (case.model, case.clean, case.corrupted, case.readout, "lm.blocks.*.hook_resid_post")
+    kwargs = dict(positions="image", prompt=PROMPT, batch_size=4, progress=False)
+    recomputed = activation_patching(*args, reuse_prefix=False, **kwargs)
+    n_recomputed, calls[:] = len(calls), []
+    reused = activation_patching(*args, **kwargs)
+    assert len(calls) == 3 < n_recomputed  # clean and corrupted sources, then one base run for every batch
+    torch.testing.assert_close(reused.values, recomputed.values, atol=1e-6, rtol=0)
+
+
 def test_inputs_of_different_layouts_are_refused(llava):
     with pytest.raises(ValueError, match="same token layout"):
         activation_patching(llava.model, sample_image(16, 16), sample_image(32, 32), llava.readout,

@@ -3,11 +3,14 @@
 They are built from the real architecture classes (only the sizes are small), so every module path, hook
 boundary and forward quirk is the real one. Tests, examples, the CLI's default model and the demo use them;
 nothing here downloads anything. Real checkpoint configs (``hooked_vlm/configs``) build full-size models on
-the meta device for shape checks.
+the meta device for shape checks, or with random weights on a GPU; :func:`dispatch` spreads a built model over
+several devices with accelerate.
 """
 
 from hooked_vlm.testing.clip import clip_processor, clip_tokenizer, tiny_clip, tiny_open_clip
+from hooked_vlm.testing.devices import alternating_device_map, dispatch
 from hooked_vlm.testing.images import half_and_half_image, sample_image
+from hooked_vlm.testing.inputs import real_size_inputs
 from hooked_vlm.testing.llava_onevision import tiny_llava_onevision
 from hooked_vlm.testing.meta import build, config_names, load_config, meta_model
 from hooked_vlm.testing.qwen2_vl import tiny_qwen2_vl
@@ -22,13 +25,16 @@ TINY_MODELS = {
 
 __all__ = [
     "TINY_MODELS",
+    "alternating_device_map",
     "build",
     "clip_processor",
     "clip_tokenizer",
     "config_names",
+    "dispatch",
     "half_and_half_image",
     "load_config",
     "meta_model",
+    "real_size_inputs",
     "sample_image",
     "tiny_clip",
     "tiny_llava_onevision",
