@@ -87,8 +87,16 @@ class CompiledHarvest:
         except BaseException:
             self.__exit__(None, None, None)
             raise
-        self._compiled = torch.compile(lambda prepared: adapter.tower_forward(self.tower, prepared), **self.compile_kwargs)
+        self._compiled = torch.compile(self._tower_forward, **self.compile_kwargs)
         return self
+
+    def _tower_forward(self, prepared: Any) -> Any:
+        if self.attention_backends is None:
+            return self.model.adapter.tower_forward(self.tower, prepared)
+        # inside the compiled function, so that the kernel choice is traced (and guarded) per harvest: compiled
+        # code is shared between harvests whose guards pass, and a context around the call would not be seen
+        with sdpa_kernel(self.attention_backends, set_priority=True):
+            return self.model.adapter.tower_forward(self.tower, prepared)
 
     def __exit__(self, *exc) -> None:
         remove_all(self._handles)
@@ -114,11 +122,7 @@ class CompiledHarvest:
             raise RuntimeError("use CompiledHarvest as a context manager: `with CompiledHarvest(...) as harvest:`")
         prepared = self.model.prepare_inputs(inputs, **kwargs)
         self._store.clear()  # the same dict every call: compiled code guards on the objects it writes to
-        if self.attention_backends is None:
-            self._compiled(prepared)
-        else:
-            with sdpa_kernel(self.attention_backends, set_priority=True):
-                self._compiled(prepared)
+        self._compiled(prepared)
         captured = dict(self._store)
         if positions is None:
             return captured
