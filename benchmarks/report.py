@@ -21,17 +21,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def is_timing_table(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) and "median_ms" in r for r in value)
+
+
 def main() -> None:
     for path in sorted(Path(sys.argv[1]).glob("*.json")):
         data = json.loads(path.read_text())
-        env = data["env"]
+        env = data.pop("env")
         print(f"#### `{path.stem}` — {env['card']}, torch {env['torch']}, transformers {env['transformers']}\n")
-        if "parity" in data:
-            print(f"parity: {data['parity']}\n")
-        if "rows" in data:
-            print(table(data["rows"]) + "\n")
-        if "results" in data:
-            print(f"{data['results']}\n")
+        for key, value in data.items():  # timing tables as tables, everything else (parity, results) as written
+            print(f"{key}:\n\n{table(value)}\n" if is_timing_table(value) else f"{key}: {value}\n")
 
 
 if __name__ == "__main__":
