@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Row, environment, markdown, save, time_variants  # noqa: E402
+from harness import add_peer_ratios, environment, markdown, run_once, save, time_variants, versions  # noqa: E402
 
 # Offline by design (random weights from shipped configs). The bridge's boot tries to load the checkpoint's processor
 # from the hub and, when that fails and torchvision is missing, to pip-install torchvision: fail both at once.
@@ -201,38 +199,8 @@ def rows_for(name: str, batch: int, rounds: int, peers: list[str], device: str =
                 "bridge steer vs hooked steer (max |Δ| logits)": (bridge_rows["bridge_steer_1"]() - steered).abs().max().item(),
             }
         rows = (time_variants if device == "cuda" else run_once)(variants, baselines, rounds=rounds)
-    ratios = add_peer_ratios(rows)
+    ratios = add_peer_ratios(rows, PEER_ROWS)
     return rows, parity, ratios
-
-
-def add_peer_ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
-    """Hooked median ÷ peer median for the same task (same rounds), into each hooked row's note and a dict for JSON."""
-    by_name = {row.variant: row for row in rows}
-    ratios: dict[str, dict[str, float]] = {}
-    for hooked, peer_rows in PEER_ROWS.items():
-        found = [p for p in peer_rows if p in by_name and hooked in by_name]
-        if not found:
-            continue
-        ratios[hooked] = {p: by_name[hooked].median_ms / by_name[p].median_ms for p in found}
-        note = "; ".join(f"{ratios[hooked][p]:.3f}× of `{p}`" for p in found)
-        by_name[hooked].note = f"{by_name[hooked].note}; {note}" if by_name[hooked].note else note
-    return ratios
-
-
-def run_once(variants: dict, baselines: dict[str, str], rounds: int = 1) -> list[Row]:
-    """CPU smoke: every variant once, wall clock, no peak memory; checks that each runs, measures nothing."""
-    rows = []
-    for variant, fn in variants.items():
-        start = time.perf_counter()
-        fn()
-        elapsed = (time.perf_counter() - start) * 1e3
-        rows.append(Row(variant, elapsed, elapsed, float("nan")))
-    by_name = {row.variant: row for row in rows}
-    for row in rows:
-        if row.variant in baselines:
-            row.baseline = baselines[row.variant]
-            row.ratio = row.median_ms / by_name[row.baseline].median_ms
-    return rows
 
 
 def nnsight_variants(raw, inputs: dict, mid: int, steer: torch.Tensor) -> dict:
@@ -324,16 +292,6 @@ def bridge_variants(bridge, eager_copy, inputs: dict, mid: int, steer: torch.Ten
     return variants, baselines
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for package in ("transformer_lens", "nnsight"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["llava", "qwen"], choices=list(CONFIGS))
@@ -348,7 +306,7 @@ def main() -> None:
     args = parser.parse_args()
     peers = ["nnsight"] if args.peers == [] else (args.peers or [])
     smoke = args.device == "cpu"
-    env = environment() | versions()
+    env = environment() | versions("transformer_lens", "nnsight")
     print(f"card: {env['card']}; torch {env['torch']}; transformers {env['transformers']}; "
           + "; ".join(f"{k} {env[k]}" for k in ("nnsight", "transformer_lens") if k in env))
     for name in args.models:

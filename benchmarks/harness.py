@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -62,6 +64,54 @@ def time_variants(
             row.baseline = base
             row.ratio = row.median_ms / by_name[base].median_ms
     return rows
+
+
+def run_once(variants: dict[str, Callable[[], object]], baselines: dict[str, str], rounds: int = 1) -> list[Row]:
+    """CPU smoke: every variant once, wall clock, no peak memory; checks that each runs, measures nothing."""
+    rows = []
+    for variant, fn in variants.items():
+        start = time.perf_counter()
+        fn()
+        elapsed = (time.perf_counter() - start) * 1e3
+        rows.append(Row(variant, elapsed, elapsed, float("nan")))
+    by_name = {row.variant: row for row in rows}
+    for row in rows:
+        if row.variant in baselines:
+            row.baseline = baselines[row.variant]
+            row.ratio = row.median_ms / by_name[row.baseline].median_ms
+    return rows
+
+
+def add_peer_ratios(rows: list[Row], peer_rows: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """Hooked median ÷ peer median for the same task (same rounds), into each hooked row's note and a dict for JSON.
+
+    ``peer_rows`` maps a hooked row to the peer rows doing the same task; rows absent from this run are skipped.
+    """
+    by_name = {row.variant: row for row in rows}
+    ratios: dict[str, dict[str, float]] = {}
+    for hooked, peers in peer_rows.items():
+        found = [p for p in peers if p in by_name and hooked in by_name]
+        if not found:
+            continue
+        ratios[hooked] = {p: by_name[hooked].median_ms / by_name[p].median_ms for p in found}
+        note = "; ".join(f"{ratios[hooked][p]:.3f}× of `{p}`" for p in found)
+        by_name[hooked].note = f"{by_name[hooked].note}; {note}" if by_name[hooked].note else note
+    return ratios
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Installed versions of the peer packages a run used (absent ones left out)."""
+    out = {}
+    for package in packages:
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def environment() -> dict[str, str]:
