@@ -44,7 +44,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from hooked_vlm.adapter import Adapter, BlockPaths, Prepared, TowerInfo, block_hooks, register_adapter
 from hooked_vlm.inputs import chat_prompts, check_type, is_processor_output, model_keywords, to_model
 from hooked_vlm.layout import InputLayout, Kind, TowerLayout, text_tower
-from hooked_vlm.taps import InputTap, InstanceOverride, OutputTap, Tap
+from hooked_vlm.taps import InputTap, InstanceOverride, OutputTap, Tap, submodule
 
 SIGLIP_BLOCK = BlockPaths(ln1="layer_norm1", attn="self_attn", ln2="layer_norm2", mlp="mlp")
 QWEN2_BLOCK = BlockPaths(
@@ -81,7 +81,7 @@ class PackedFeaturesTap(Tap):
     """
 
     def install(self, root, hp, run):
-        owner = root.get_submodule(self.module)
+        owner = submodule(root, self.module)
         pack = owner.pack_image_features
 
         def pack_and_fire(*args, **kwargs):
@@ -114,7 +114,7 @@ class KeywordInputTap(Tap):
                 return args, {**kwargs, keyword: new}
             return None
 
-        return [root.get_submodule(self.module).register_forward_pre_hook(hook, with_kwargs=True, prepend=True)]
+        return [submodule(root, self.module).register_forward_pre_hook(hook, with_kwargs=True, prepend=True)]
 
     def describe(self) -> str:
         return f"{self.module} → input {self.keyword}"

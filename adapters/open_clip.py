@@ -41,7 +41,17 @@ from torch import Tensor, nn
 from hooked_vlm.adapter import Adapter, Prepared, TowerInfo, register_adapter
 from hooked_vlm.inputs import check_type, is_processor_output, load_images, pixel_tensor, to_model
 from hooked_vlm.layout import InputLayout, grid_tower, text_tower
-from hooked_vlm.taps import BoundHookPoint, InputTap, InstanceOverride, OutputTap, ResidualSumTap, Run, SelectToken, Tap
+from hooked_vlm.taps import (
+    BoundHookPoint,
+    InputTap,
+    InstanceOverride,
+    OutputTap,
+    ResidualSumTap,
+    Run,
+    SelectToken,
+    Tap,
+    submodule,
+)
 
 #: hook-name leaf of each value the attention recomputation passes through a hook point
 ATTENTION_HOOKS = {
@@ -104,7 +114,7 @@ class MultiheadAttentionTap(Tap):
 
     @classmethod
     def install_group(cls, root, hook_points, run):
-        block = root.get_submodule(hook_points[0].tap.module)
+        block = submodule(root, hook_points[0].tap.module)
         hooks = {hp.tap.kind: hp for hp in hook_points}
         return [InstanceOverride(block, "attention", partial(_hooked_attention, block.attn, hooks, run))]
 
@@ -122,7 +132,7 @@ class TextEmbedsTap(Tap):
     """
 
     def install(self, root, hp, run):
-        model = root.get_submodule(self.module)
+        model = submodule(root, self.module)
         encode_text = model.encode_text
 
         def hooked_encode_text(text: Tensor, normalize: bool = False) -> Tensor:

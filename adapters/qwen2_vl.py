@@ -43,7 +43,7 @@ from hooked_vlm.adapter import Adapter, BlockPaths, Prepared, TowerInfo, block_h
 from hooked_vlm.attention import AttentionConfigView, AttentionFunctionTap, additive_mask, original_attention_function
 from hooked_vlm.inputs import chat_prompts, check_type, is_processor_output, model_keywords, to_model
 from hooked_vlm.layout import InputLayout, Kind, TowerLayout, text_tower
-from hooked_vlm.taps import IDENTITY, InputTap, InstanceOverride, OutputTap, RemoveEntry, Tap, View
+from hooked_vlm.taps import IDENTITY, InputTap, InstanceOverride, OutputTap, RemoveEntry, Tap, View, submodule
 
 VISION = "model.visual"
 LM = "model.language_model"
@@ -117,7 +117,7 @@ class PackedAttentionTap(AttentionFunctionTap):
 
     @classmethod
     def install_group(cls, root, hook_points, run):
-        attn = root.get_submodule(hook_points[0].tap.module)
+        attn = submodule(root, hook_points[0].tap.module)
         if attn in _recordings:
             raise RuntimeError(f"attention of {hook_points[0].tap.module!r} is already being captured")
         hps = {hp.tap.kind: hp for hp in hook_points}

@@ -21,7 +21,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from hooked_vlm.taps import BoundHookPoint, InstanceOverride, RemoveEntry, Run, Tap
+from hooked_vlm.taps import BoundHookPoint, InstanceOverride, RemoveEntry, Run, Tap, submodule
 
 CAPTURE_IMPLEMENTATION = "hooked_vlm_capture"  # must not contain "flash" (transformers tests the substring)
 
@@ -148,7 +148,7 @@ class AttentionFunctionTap(Tap):
 
     @classmethod
     def install_group(cls, root, hook_points, run):
-        module = root.get_submodule(hook_points[0].tap.module)
+        module = submodule(root, hook_points[0].tap.module)
         config = module.config
         if module in _captures:
             raise RuntimeError(f"attention of {hook_points[0].tap.module!r} is already being captured")

@@ -187,6 +187,7 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
             else:
                 stack.extend((f"{name}.{n}", m) for n, m in module._modules.items())
         self.hook_dict = {name: hp for _, name, hp in sorted(points, key=lambda point: point[0])}
+        self._pattern_matches: dict[str, list[str]] = {}
 
     @property
     def raw_model(self) -> nn.Module:
@@ -195,9 +196,14 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
 
     def hook_names(self, pattern: str = "*") -> list[str]:
         """Canonical hook names matching a glob pattern, in forward order (``"vision.blocks.*.hook_resid_post"``)."""
-        # module-path hook points made so far are listed only when the pattern asks for them (``"hf.*"``)
-        match, raw = _glob(pattern), self.adapter.raw_prefix + "."
-        return [n for n in self.hook_dict if match(n) and (pattern.startswith(raw) or not n.startswith(raw))]
+        # memoised until the index changes: matching a pattern against ~1000 names is paid on every run otherwise
+        matches = self._pattern_matches.get(pattern)
+        if matches is None:
+            # module-path hook points made so far are listed only when the pattern asks for them (``"hf.*"``)
+            match, raw = _glob(pattern), self.adapter.raw_prefix + "."
+            matches = [n for n in self.hook_dict if match(n) and (pattern.startswith(raw) or not n.startswith(raw))]
+            self._pattern_matches[pattern] = matches
+        return list(matches)
 
     def hook_point(self, name: str) -> BoundHookPoint:
         """The hook point called ``name``: a canonical name, or ``<raw prefix>.<module path>.hook_out|hook_in``."""
@@ -215,6 +221,7 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
                 hook_point = self._new_hook_point(tap_class(path))
                 hook_point.name = name
                 self.hook_dict[name] = self.mod_dict[name] = hook_point
+                self._pattern_matches.clear()
                 return hook_point
         close = difflib.get_close_matches(name, list(self.hook_dict), n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -248,11 +255,12 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
             self.check_and_add_hook(hp, hp.name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
     def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None) -> None:
-        # TransformerLens visits every hook point; a VLM has ~1000, and removing from one without hooks still costs
-        # attribute writes, paid at the end of every run_with_cache / run_with_hooks. Visit only those with hooks.
-        for hp in self.hook_points():
-            if hp.fwd_hooks or hp.bwd_hooks:
-                hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
+        # TransformerLens visits every hook point (~1000 on a VLM) at the end of every run_with_cache /
+        # run_with_hooks. Only armed hook points and the hook points of their splices can hold hooks.
+        for armed in list(self._armed):
+            for hp in (armed, *armed.child_hook_points().values()):
+                if hp.fwd_hooks or hp.bwd_hooks:
+                    hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
 
     def _enable_hook(self, name, hook, dir) -> None:
         for hp in self.resolve_names(name if callable(name) else [name]):

@@ -8,6 +8,7 @@ from reference import direct_hooks
 from transformers import CLIPModel
 
 from hooked_vlm import HookedVLM, HookShapeError, UnknownHookError
+from hooked_vlm.taps import submodule
 from hooked_vlm.testing import meta_model, sample_image, tiny_clip
 
 TEXTS = ["a photo of a cat", "sunset"]
@@ -264,6 +265,21 @@ def test_names_filters_and_cache_options(clip, inputs):
     assert grid.shape == (2, 4, 4, 32) and torch.equal(grid[1, 3, 2], resid[1, 1 + 3 * 4 + 2])
     assert torch.equal(by_callable.select("vision.blocks.1.hook_resid_post", "cls"), resid[:, 0])
     assert model.hook_names("vision.blocks.1.attn.hook_*")[0] == "vision.blocks.1.attn.hook_q"
+
+
+def test_pattern_matches_follow_new_hook_points_and_taps_find_their_modules(clip):
+    model, raw, _ = clip
+    model = HookedVLM.from_hf(raw)  # its own index: module-path hook points made here stay here
+    assert model.hook_names("hf.*") == []
+    assert model.hook_names("vision.blocks.*.hook_resid_post") == model.hook_names("vision.blocks.*.hook_resid_post")
+    model.hook_point("hf.vision_model.post_layernorm.hook_out")
+    assert model.hook_names("hf.*") == ["hf.vision_model.post_layernorm.hook_out"]  # the memo saw the new point
+    model.hook_names("vision.*").clear()  # callers get a copy, not the memo
+    assert model.hook_names("vision.*")
+    for name in ("vision_model.encoder.layers.1.self_attn", "text_model.final_layer_norm"):
+        assert submodule(raw, name) is raw.get_submodule(name)
+    with pytest.raises(AttributeError, match="no attribute `nope`"):
+        submodule(raw, "vision_model.nope.fc1")
 
 
 def test_cached_positions_and_heads(clip, inputs):
