@@ -21,7 +21,7 @@ from hooked_vlm.adapter import ADAPTERS, Adapter, Prepared
 from hooked_vlm.cache import ActivationCache, HostCopies, Slicer, stash
 from hooked_vlm.layout import Selector
 from hooked_vlm.sae.splice import SAEHooksMixin
-from hooked_vlm.taps import BoundHookPoint, InputTap, OutputTap, Run, StopForward, install_taps, remove_all
+from hooked_vlm.taps import BoundHookPoint, InputTap, Observer, OutputTap, Run, StopForward, install_taps, remove_all
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
@@ -284,15 +284,16 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         return live
 
     @contextmanager
-    def _taps(self, stop_early: bool):
-        """Install the taps of every hook point that has hooks attached; remove them on exit, whatever happens."""
-        live = self._live_hook_points()
+    def _taps(self, stop_early: bool, observers: dict[BoundHookPoint, Observer] | None = None):
+        """Install the taps of every hook point that has hooks attached or an observer in this run; remove them on
+        exit, whatever happens."""
+        live = list(dict.fromkeys([*self._live_hook_points(), *(observers or {})]))
         if not live:
             yield
             return
         # a splice without hooks runs wherever the forward goes, but an early stop need not wait for it
-        waited = [hp for hp in live if hp.has_any_hook()]
-        run = Run(waited, stop_early and bool(waited))
+        waited = [hp for hp in live if hp.has_any_hook() or hp in (observers or {})]
+        run = Run(waited, stop_early and bool(waited), observers)
         handles = install_taps(self.raw_model, live, run)
         try:
             yield
@@ -308,9 +309,11 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         finally:
             self.current_inputs = outer
 
-    def _execute(self, prepared: Prepared, stop_early: bool) -> Any:
+    def _execute(
+        self, prepared: Prepared, stop_early: bool, observers: dict[BoundHookPoint, Observer] | None = None
+    ) -> Any:
         try:
-            with self._running(prepared), self._taps(stop_early):
+            with self._running(prepared), self._taps(stop_early, observers):
                 return self.adapter.forward(prepared)
         except StopForward:
             return None
@@ -354,11 +357,16 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
                 tensor = sliced(hook.name, tensor)
             cache[hook.name + suffix] = stash(tensor, device, dtype, host_copies)
 
-        fwd_hooks = [(hp.name, save) for hp in hook_points]
+        # Bound hook points are recorded by the run itself, after their own hooks, as a TransformerLens caching hook
+        # added last would see them, without adding and removing a hook per point per run. The hook points of a
+        # splice (no tap of their own), and caching hooks asked to outlive the run, go through TransformerLens.
+        observed = [hp for hp in hook_points if isinstance(hp, BoundHookPoint)] if reset_hooks_end else []
+        observers = dict.fromkeys(observed, save)
+        fwd_hooks = [(hp.name, save) for hp in hook_points if hp not in observers]
         bwd_hooks = [(hp.name, lambda t, hook: save(t, hook, "_grad")) for hp in hook_points] if incl_bwd else []
         stop = stop_early and names_filter is not None and not incl_bwd
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
-            output = self._execute(prepared, stop_early=stop)
+            output = self._execute(prepared, stop_early=stop, observers=observers)
             if incl_bwd:
                 scalar = output if isinstance(output, Tensor) else None
                 if scalar is None or scalar.numel() != 1:
@@ -398,9 +406,10 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         def record(tensor: Tensor, hook: BoundHookPoint) -> None:
             step_cache.setdefault(hook.name, []).append(stash(tensor, cache_device, None, host_copies))
 
-        fwd_hooks = [(hp.name, record) for hp in self.resolve_names(cache_names)] if cache_names is not None else []
-        with self.hooks(fwd_hooks):
-            with self._running(prepared), self._taps(stop_early=False):
+        recorded = self.resolve_names(cache_names) if cache_names is not None else []
+        observers = {hp: record for hp in recorded if isinstance(hp, BoundHookPoint)}  # as in run_with_cache
+        with self.hooks([(hp.name, record) for hp in recorded if hp not in observers]):
+            with self._running(prepared), self._taps(stop_early=False, observers=observers):
                 sequences = self.adapter.generate(prepared, **generate_kwargs)
         host_copies.wait()
         n_prompt = self.adapter.prompt_length(prepared)

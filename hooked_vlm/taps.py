@@ -126,11 +126,18 @@ class BoundHookPoint(HookPoint):
         return int(parts[parts.index("blocks") + 1])
 
 
-class Run:
-    """State shared by the taps of one run: which hook points still have to fire before an early stop."""
+Observer = Callable[[Tensor, "BoundHookPoint"], None]
 
-    def __init__(self, hook_points: Sequence[BoundHookPoint], stop_early: bool):
+
+class Run:
+    """State shared by the taps of one run: which hook points still have to fire before an early stop, and the
+    run's observers (``run_with_cache``'s recorders), called with each value after the hook point's own hooks."""
+
+    def __init__(
+        self, hook_points: Sequence[BoundHookPoint], stop_early: bool, observers: dict[BoundHookPoint, Observer] | None = None
+    ):
         self.pending = set(hook_points) if stop_early else None
+        self.observers = observers or {}
 
     def fire(self, hp: BoundHookPoint, x: Tensor) -> Tensor:
         """Pass ``x`` through the hook point, check what the user hooks returned, and track completion."""
@@ -144,6 +151,9 @@ class Run:
                 )
             if y.device != x.device:  # e.g. a value from a cache kept on the CPU or on another GPU of a device_map
                 y = y.to(x.device)
+        observer = self.observers.get(hp)
+        if observer is not None:
+            observer(y, hp)
         if self.pending is not None and not hp.tap.fires_repeatedly:
             self.done(hp)
         return y

@@ -282,6 +282,20 @@ def test_pattern_matches_follow_new_hook_points_and_taps_find_their_modules(clip
         submodule(raw, "vision_model.nope.fc1")
 
 
+def test_cache_records_values_after_the_hooks_at_the_same_point(clip, inputs):
+    model, _, _ = clip
+    name = "vision.blocks.0.hook_resid_post"
+    with torch.no_grad():
+        _, plain = model.run_with_cache(inputs, names_filter=name)
+        with model.hooks(fwd_hooks=[(name, lambda t, hook: 2 * t)]):
+            _, doubled = model.run_with_cache(inputs, names_filter=name)
+            _, kept = model.run_with_cache(inputs, names_filter=name, reset_hooks_end=False)
+            assert len(model.hook_dict[name].fwd_hooks) == 2  # TransformerLens semantics: the caching hook stays
+            model.reset_hooks()
+    assert torch.equal(doubled[name], 2 * plain[name]) and torch.equal(kept[name], 2 * plain[name])
+    assert not any(hp.has_hooks() for hp in model.hook_dict.values())
+
+
 def test_cached_positions_and_heads(clip, inputs):
     model, _, _ = clip
     names = ["vision.blocks.0.hook_resid_post", "vision.blocks.0.attn.hook_pattern", "vision.blocks.0.attn.hook_z"]
