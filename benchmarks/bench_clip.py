@@ -88,6 +88,29 @@ def eager_layer(raw_layer_attention):
     raw_layer_attention.config = config
 
 
+def nnsight_saves(wrapped, blocks, mid: int, *args, **kwargs) -> dict:
+    """The empty trace and the saves through nnsight, alike for both CLIPs; ``args`` / ``kwargs`` go to ``trace``."""
+
+    def empty_trace():
+        with wrapped.trace(*args, **kwargs) as tracer:
+            result = tracer.result.save()
+        return result
+
+    def save_one():
+        with wrapped.trace(*args, **kwargs):
+            saved = blocks[mid].output.save()
+        return saved
+
+    def save_all():
+        saved = []  # made outside the trace: nnsight runs the block's body in its own frame
+        with wrapped.trace(*args, **kwargs):
+            for block in blocks:
+                saved.append(block.output.save())
+        return saved
+
+    return {"nnsight_empty_trace": empty_trace, "nnsight_save_1": save_one, "nnsight_save_all": save_all}
+
+
 def nnsight_hf_variants(raw, raw_eager_one, x: torch.Tensor, mid: int, steer: torch.Tensor) -> dict:
     """The hooked rows' tasks through nnsight, on deep copies (the wrapper instruments the module it is given)."""
     from nnsight import NNsight
@@ -96,23 +119,6 @@ def nnsight_hf_variants(raw, raw_eager_one, x: torch.Tensor, mid: int, steer: to
     wrapped_eager = NNsight(copy.deepcopy(raw_eager_one))  # layer ``mid`` eager, as in hf_raw_one_layer_eager
     layers = wrapped.vision_model.encoder.layers
     fn = "get_image_features"  # what hf_raw runs (CLIPModel.forward would want text too)
-
-    def empty_trace():
-        with wrapped.trace(pixel_values=x, fn=fn) as tracer:
-            result = tracer.result.save()
-        return result
-
-    def save_one():
-        with wrapped.trace(pixel_values=x, fn=fn):
-            saved = layers[mid].output.save()
-        return saved
-
-    def save_all():
-        saved = []  # made outside the trace: nnsight runs the block's body in its own frame
-        with wrapped.trace(pixel_values=x, fn=fn):
-            for layer in layers:
-                saved.append(layer.output.save())
-        return saved
 
     def steer_one():
         with wrapped.trace(pixel_values=x, fn=fn) as tracer:
@@ -131,10 +137,7 @@ def nnsight_hf_variants(raw, raw_eager_one, x: torch.Tensor, mid: int, steer: to
             pattern = wrapped_eager.vision_model.encoder.layers[mid].self_attn.output[1].save()
         return pattern
 
-    return {
-        "nnsight_empty_trace": empty_trace,
-        "nnsight_save_1": save_one,
-        "nnsight_save_all": save_all,
+    return nnsight_saves(wrapped, layers, mid, pixel_values=x, fn=fn) | {
         "nnsight_pattern_1_layer": pattern_one,
         "nnsight_steer_1": steer_one,
         "nnsight_save_1_early_stop": save_one_early_stop,
@@ -239,23 +242,6 @@ def nnsight_open_clip_variants(raw, x: torch.Tensor, mid: int) -> dict:
     blocks = wrapped.visual.transformer.resblocks
     fn = "encode_image"  # what open_clip_raw runs
 
-    def empty_trace():
-        with wrapped.trace(x, fn=fn) as tracer:
-            result = tracer.result.save()
-        return result
-
-    def save_one():
-        with wrapped.trace(x, fn=fn):
-            saved = blocks[mid].output.save()
-        return saved
-
-    def save_all():
-        saved = []  # made outside the trace: nnsight runs the block's body in its own frame
-        with wrapped.trace(x, fn=fn):
-            for block in blocks:
-                saved.append(block.output.save())
-        return saved
-
     def pattern_one():
         # the block calls its nn.MultiheadAttention with need_weights=False: ask it for per-head weights instead
         with wrapped.trace(x, fn=fn):
@@ -264,12 +250,7 @@ def nnsight_open_clip_variants(raw, x: torch.Tensor, mid: int) -> dict:
             pattern = blocks[mid].attn.output[1].save()
         return pattern
 
-    return {
-        "nnsight_empty_trace": empty_trace,
-        "nnsight_save_1": save_one,
-        "nnsight_save_all": save_all,
-        "nnsight_pattern_1_layer": pattern_one,
-    }
+    return nnsight_saves(wrapped, blocks, mid, x, fn=fn) | {"nnsight_pattern_1_layer": pattern_one}
 
 
 def open_clip_rows(batch: int, rounds: int, peers: list[str], device: str = "cuda", layers: int | None = None):
