@@ -81,9 +81,8 @@ class CompiledHarvest:
             self._restore = (parent, attribute, blocks)
             setattr(parent, attribute, nn.ModuleList(list(blocks)[: self.keep]))
         try:
-            for hp in self.hook_points:
-                hp.add_hook(self._capture)
-            self._handles = install_taps(raw, self.hook_points, Run(self.hook_points, stop_early=False))
+            run = Run(self.hook_points, stop_early=False, observers=dict.fromkeys(self.hook_points, self._capture))
+            self._handles = install_taps(raw, self.hook_points, run)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -101,10 +100,6 @@ class CompiledHarvest:
     def __exit__(self, *exc) -> None:
         remove_all(self._handles)
         self._handles = []
-        for hp in self.hook_points:  # only our capture hook: hooks the user attached stay
-            for handle in [h for h in hp.fwd_hooks if h.user_hook == self._capture]:
-                handle.hook.remove()
-                hp.fwd_hooks.remove(handle)
         if self._restore is not None:
             parent, attribute, blocks = self._restore
             setattr(parent, attribute, blocks)
