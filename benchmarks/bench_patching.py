@@ -20,7 +20,8 @@ readout, so all project the vocabulary at the last position only. ``--peers brid
 TransformerBridge booted as in ``bench_vlm.py`` around a deep copy of the raw model, eager attention; needs
 ``TL4=1`` on the lent machine): one ``run_with_cache`` of the clean input for every ``blocks.{l}.hook_resid_post``,
 then one ``run_with_hooks`` per patch (``blocks.{l}.hook_resid_post`` is the LM block's output, as in hooked_vlm).
-Ratios are hooked time ÷ peer time for the same patches (batched, and one forward per patch).
+Ratios are hooked time ÷ peer time for the same patches (batched, and one forward per patch). Every mode also
+reports its peak GPU memory (every resident model copy included, so compare within one run).
 
 ``--device cpu --layers N`` is a smoke run (N blocks per tower, fp32, nothing saved): it checks that every mode
 runs, not how fast (``--full`` is 1485 positions per layer, too slow for it).
@@ -53,11 +54,17 @@ def synchronize() -> None:
 
 
 def timed(fn):
+    """``fn()``, its wall time, and the peak GPU memory during it (GiB, every resident model copy included; NaN on
+    the CPU)."""
     synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = fn()
     synchronize()
-    return result, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return result, seconds, round(peak, 2)
 
 
 def logit_diff(logits: torch.Tensor) -> torch.Tensor:
@@ -142,9 +149,9 @@ def main() -> None:
 
     with torch.no_grad():
         sweep(subset, args.batch, True)  # warm-up (allocator, kernels)
-        batched, batched_s = timed(lambda: sweep(subset, args.batch, True))
-        no_reuse, no_reuse_s = timed(lambda: sweep(subset, args.batch, False))
-        single, single_s = timed(lambda: sweep(subset, 1, False))
+        batched, batched_s, batched_peak = timed(lambda: sweep(subset, args.batch, True))
+        no_reuse, no_reuse_s, no_reuse_peak = timed(lambda: sweep(subset, args.batch, False))
+        single, single_s, single_peak = timed(lambda: sweep(subset, 1, False))
     n_patches, per_patch = n_layers * len(subset), single_s / (n_layers * len(subset))
     results = {
         "subset": {
@@ -157,6 +164,7 @@ def main() -> None:
             "max |Δ| batched vs without reuse": (batched - no_reuse).abs().max().item(),
             "batched_patches_per_s": round(n_patches / batched_s, 1),
             "one_per_forward_patches_per_s": round(n_patches / single_s, 1),
+            "peak GiB (batched / without reuse / one per forward)": [batched_peak, no_reuse_peak, single_peak],
         }
     }
     all_layers = list(range(n_layers))
@@ -171,12 +179,13 @@ def main() -> None:
     for peer, run in peer_runs.items():
         with torch.no_grad():
             run([0], subset[:1])  # warm-up
-            values, peer_s = timed(lambda run=run: run(all_layers, subset))
+            values, peer_s, peer_peak = timed(lambda run=run: run(all_layers, subset))
         values = values.float().to(batched.device)
         peer_per_patch[peer] = peer_s / n_patches
         results["subset"] |= {
             f"{peer}_one_per_forward_s": round(peer_s, 2),
             f"{peer}_patches_per_s": round(n_patches / peer_s, 1),
+            f"{peer} peak GiB": peer_peak,
             f"batched ÷ {peer} (time)": round(batched_s / peer_s, 4),
             f"one-per-forward ÷ {peer} (time)": round(single_s / peer_s, 3),
             f"max |Δ| batched vs {peer}": (batched - values).abs().max().item(),
@@ -184,13 +193,14 @@ def main() -> None:
         }
     if args.full:
         with torch.no_grad():
-            full, full_s = timed(lambda: sweep(image_positions, args.batch, True))
+            full, full_s, full_peak = timed(lambda: sweep(image_positions, args.batch, True))
         at_subset = full[:, [image_positions.index(p) for p in subset]]
         n_full = n_layers * len(image_positions)
         results["full"] = {
             "patches": n_full,
             "batched_s": round(full_s, 1),
             "batched_patches_per_s": round(n_full / full_s, 1),
+            "batched peak GiB": full_peak,
             "one_per_forward_s (subset per-patch time × patches)": round(per_patch * n_full, 1),
             "speed-up": round(per_patch * n_full / full_s, 1),
             "max |Δ| full sweep vs one-per-forward at the subset": (at_subset - single).abs().max().item(),
