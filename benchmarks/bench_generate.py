@@ -9,7 +9,7 @@ number of new tokens (EOS suppressed), one 384×384 image (1485 image tokens) + 
 new tokens / median time.
 
 With ``--peers`` (bare: nnsight): the same three tasks through nnsight, timed in the same rounds —
-``NNsight(raw).trace(**inputs, fn="generate", ...)`` (the HF ``generate`` of the same model, traced), the same
+``NNsight(copy).trace(**inputs, fn="generate", ...)`` (the HF ``generate`` of a deep copy of the model, traced), the same
 vector added to the same decoder layer's output under ``tracer.iter[:n]`` (every forward: the prefill and one per
 new token; ``min_new_tokens`` makes that exactly ``n`` forwards, and a bounded loop lets ``tracer.result`` be saved
 after it, which an open ``tracer.all()`` loop does not) or ``tracer.iter[1:n]`` (generated tokens only: the forwards
@@ -71,7 +71,7 @@ def same_tokens(a: torch.Tensor, b: torch.Tensor, n_prompt: int) -> bool | str:
 def nnsight_variants(raw, inputs: dict, mid: int, added: torch.Tensor, settings: dict, n_new: int) -> dict:
     from nnsight import NNsight
 
-    wrapped = NNsight(raw)
+    wrapped = NNsight(copy.deepcopy(raw))  # NNsight instruments every submodule of what it wraps, for good
     layer = wrapped.model.language_model.layers[mid]
 
     def plain():

@@ -11,7 +11,7 @@ end to end, and its values at the subset compared with the other modes'; the one
 full sweep is the subset's per-patch time × the number of patches (running it would take about half an hour).
 
 With ``--peers`` (bare: nnsight), on the subset, what a peer library's user writes for the same sweep, timed the
-same way (end to end, after a one-patch warm-up) and its values compared with hooked_vlm's: nnsight — one trace of
+same way (end to end, after a one-patch warm-up) and its values compared with hooked_vlm's: nnsight (on a deep copy) — one trace of
 the clean input saving every decoder layer's output, then one trace of the corrupted input per patch setting
 ``layers[l].output[:, pos]`` to the clean value (the layer's output is the residual tensor itself in transformers 5)
 and saving the logits, ``LogitDiff(100, 200)`` (last-position logit of token 100 minus token 200, in float32)
@@ -73,11 +73,8 @@ def logit_diff(logits: torch.Tensor) -> torch.Tensor:
     return last[:, CORRECT] - last[:, INCORRECT]
 
 
-def nnsight_sweep(raw, clean: dict, corrupted: dict, layers: list[int], positions: list[int]) -> torch.Tensor:
+def nnsight_sweep(wrapped, clean: dict, corrupted: dict, layers: list[int], positions: list[int]) -> torch.Tensor:
     """Activation patching as an nnsight user writes it: clean activations from one trace, one trace per patch."""
-    from nnsight import NNsight
-
-    wrapped = NNsight(raw)
     blocks = wrapped.model.language_model.layers
     clean_acts = []  # made outside the trace: nnsight runs the block's body in its own frame
     with wrapped.trace(**clean, logits_to_keep=1):
@@ -171,7 +168,10 @@ def main() -> None:
     peer_per_patch = {}
     peer_runs = {}
     if "nnsight" in peers:
-        peer_runs["nnsight"] = lambda layers, positions: nnsight_sweep(raw, clean, corrupted, layers, positions)
+        from nnsight import NNsight
+
+        wrapped = NNsight(copy.deepcopy(raw))  # NNsight instruments every submodule of what it wraps, for good
+        peer_runs["nnsight"] = lambda layers, positions: nnsight_sweep(wrapped, clean, corrupted, layers, positions)
     if bridge_copy is not None:
         bridge, eager_copy = boot_bridge(bridge_copy, args.device, dtype)
         del eager_copy

@@ -8,7 +8,8 @@ Inputs are built by hand at the shapes the checkpoints' processors produce (no d
 256 image tokens + 21 text tokens. Rows: raw forward; no hooks; one cached mid LM residual; every residual of both
 towers (vs the raw forward with ``output_hidden_states=True``, which only gives the LM's); one LM layer's pattern
 (vs the raw model with that layer eager); an additive steering vector; a vision-only request with early stop (vs
-the raw vision tower + projector alone). With ``--peers``: the same through nnsight (save one, save all, steer);
+the raw vision tower + projector alone). With ``--peers``: the same through nnsight (save one, save all, steer) on a deep copy of the raw model (``NNsight``
+replaces the forward of every submodule it wraps, for good);
 with ``--peers bridge`` (LLaVA-OneVision only, the one family transformer_lens's TransformerBridge supports): the same
 through a TransformerBridge booted around a deep copy of the raw model (same weights; it rewires the copy in place),
 switched to eager attention as ``boot_transformers(name)`` loads it, plus that eager copy unwrapped
@@ -206,7 +207,7 @@ def rows_for(name: str, batch: int, rounds: int, peers: list[str], device: str =
 def nnsight_variants(raw, inputs: dict, mid: int, steer: torch.Tensor) -> dict:
     from nnsight import NNsight
 
-    wrapped = NNsight(raw)
+    wrapped = NNsight(copy.deepcopy(raw))  # NNsight instruments every submodule of what it wraps, for good
     layers = wrapped.model.language_model.layers
 
     def save_one():
