@@ -120,15 +120,17 @@ def main() -> None:
                 parity[label] = {"max |Δ| vs eager": difference.max().item(),
                                  "mean |Δ| vs eager": difference.mean().item(),
                                  "first call incl. compile (s)": round(time.perf_counter() - start, 1)}
-            nnsight_harvest_fn = nnsight_harvest(raw, args.layer, x)
-            parity["nnsight_save_early_stop"] = {"max |Δ| vs eager": max_diff(nnsight_harvest_fn(), eager)}
+            peers = {}
+            if "nnsight" in env:  # the peer row where nnsight is installed
+                peers["nnsight_save_early_stop"] = nnsight_harvest(raw, args.layer, x)
+                parity["nnsight_save_early_stop"] = {"max |Δ| vs eager": max_diff(peers["nnsight_save_early_stop"](), eager)}
             variants = {
                 "hf_raw_full_forward": lambda: raw.get_image_features(pixel_values=x),
                 "hf_raw_full_forward_cudnn_attention": raw_cudnn_first,
                 "hf_raw_truncated_by_hand": truncated_raw,
                 "hooked_run_with_cache_early_stop": lambda: model.run_with_cache(x, names_filter=name),
                 **{label: (lambda harvest=harvest: harvest(x)) for label, harvest in harvests.items()},
-                "nnsight_save_early_stop": nnsight_harvest_fn,
+                **peers,
             }
             rows = (time_variants if not smoke else run_once)(
                 variants, {k: "hf_raw_full_forward" for k in variants if k != "hf_raw_full_forward"}, rounds=args.rounds
@@ -142,8 +144,9 @@ def main() -> None:
         save(f"harvest_clip_l{args.layer}_b{args.batch}",
              {"env": env, "rows": rows, "parity": parity, "peer_ratios": ratios})
     mode = f"CPU SMOKE (fp32, {args.layers or 'all'} blocks per tower; not a measurement)" if smoke else "bf16"
-    print(markdown(f"CLIP ViT-L/14 harvest of {name}, batch {args.batch}, {mode}, with nnsight {env.get('nnsight')} "
-                   f"({env['card']})", rows, f"parity: {parity}"))
+    with_ = f", with nnsight {env['nnsight']}" if "nnsight" in env else ""
+    print(markdown(f"CLIP ViT-L/14 harvest of {name}, batch {args.batch}, {mode}{with_} ({env['card']})", rows,
+                   f"parity: {parity}"))
 
 
 if __name__ == "__main__":
