@@ -11,11 +11,11 @@ end to end, and its values at the subset compared with the other modes'; the one
 full sweep is the subset's per-patch time × the number of patches (running it would take about half an hour).
 
 With ``--peers`` (bare: nnsight), on the subset, what a peer library's user writes for the same sweep, timed the
-same way (end to end, after a one-patch warm-up) and its values compared with hooked_vlm's: nnsight (on a deep copy) — one trace of
-the clean input saving every decoder layer's output, then one trace of the corrupted input per patch setting
-``layers[l].output[:, pos]`` to the clean value (the layer's output is the residual tensor itself in transformers 5)
-and saving the logits, ``LogitDiff(100, 200)`` (last-position logit of token 100 minus token 200, in float32)
-computed from them; ``logits_to_keep=1`` is passed (to the peers' runs too) as hooked_vlm passes it for this
+same way (end to end, after a one-patch warm-up) and its values compared with hooked_vlm's: nnsight (on a deep
+copy) — one trace of the clean input saving every decoder layer's output, then one trace of the corrupted input per
+patch setting ``layers[l].output[:, pos]`` to the clean value (the layer's output is the residual tensor itself in
+transformers 5) and saving the logits, ``LogitDiff(100, 200)`` (last-position logit of token 100 minus token 200,
+in float32) computed from them; ``logits_to_keep=1`` is passed (to the peers' runs too) as hooked_vlm passes it for this
 readout, so all project the vocabulary at the last position only. ``--peers bridge`` (transformer_lens's
 TransformerBridge booted as in ``bench_vlm.py`` around a deep copy of the raw model, eager attention; needs
 ``TL4=1`` on the lent machine): one ``run_with_cache`` of the clean input for every ``blocks.{l}.hook_resid_post``,
