@@ -271,7 +271,9 @@ def test_pattern_matches_follow_new_hook_points_and_taps_find_their_modules(clip
     model, raw, _ = clip
     model = HookedVLM.from_hf(raw)  # its own index: module-path hook points made here stay here
     assert model.hook_names("hf.*") == []
-    assert model.hook_names("vision.blocks.*.hook_resid_post") == model.hook_names("vision.blocks.*.hook_resid_post")
+    expected = [f"vision.blocks.{i}.hook_resid_post" for i in range(raw.config.vision_config.num_hidden_layers)]
+    assert model.hook_names("vision.blocks.*.hook_resid_post") == expected
+    assert model.hook_names("vision.blocks.*.hook_resid_post") == expected  # again, from the memo
     model.hook_point("hf.vision_model.post_layernorm.hook_out")
     assert model.hook_names("hf.*") == ["hf.vision_model.post_layernorm.hook_out"]  # the memo saw the new point
     model.hook_names("vision.*").clear()  # callers get a copy, not the memo
