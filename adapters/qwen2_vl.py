@@ -167,9 +167,9 @@ def _block_diagonal_mask(lengths: list[int], dtype: torch.dtype, device: torch.d
     return additive_mask(same_image, len(image), len(image), False, dtype, device)
 
 
-def _vision_block(i: int, d_head: int) -> dict[str, Tap]:
+def _vision_block(i: int, d_head: int, paths: BlockPaths = VISION_BLOCK) -> dict[str, Tap]:
     """The canonical block set on ``model.visual.blocks.{i}``, with every value seen through the packed axis."""
-    hooks = block_hooks(f"vision.blocks.{i}", f"{VISION}.blocks.{i}", VISION_BLOCK, d_head, rotary=True)
+    hooks = block_hooks(f"vision.blocks.{i}", f"{VISION}.blocks.{i}", paths, d_head, rotary=True)
     packed: dict[str, Tap] = {}
     for name, tap in hooks.items():
         if isinstance(tap, AttentionFunctionTap):
@@ -263,14 +263,17 @@ def _lm_tower(
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     image_features_method = ("model", "get_image_features")
+    # what Qwen2.5-VL's adapter (a subclass) changes: the model class and the vision block's module names
+    model_class = Qwen2VLForConditionalGeneration
+    vision_block_paths = VISION_BLOCK
 
     @classmethod
     def matches_model(cls, model) -> bool:
-        return isinstance(model, Qwen2VLForConditionalGeneration)
+        return isinstance(model, cls.model_class)
 
     @classmethod
     def matches_config(cls, config) -> bool:
-        return getattr(config, "model_type", None) == "qwen2_vl"
+        return getattr(config, "model_type", None) == cls.family
 
     @classmethod
     def load(cls, name, *, device, dtype, attn_implementation, min_pixels=None, max_pixels=None, **hf_kwargs):
@@ -281,7 +284,7 @@ class Qwen2VLAdapter(Adapter):
             hf_kwargs["attn_implementation"] = attn_implementation
         if dtype is not None:
             hf_kwargs["dtype"] = dtype
-        model = Qwen2VLForConditionalGeneration.from_pretrained(name, **hf_kwargs)
+        model = cls.model_class.from_pretrained(name, **hf_kwargs)
         if "device_map" not in hf_kwargs:
             model = model.to(device)
         hub = {k: hf_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in hf_kwargs}
@@ -308,7 +311,7 @@ class Qwen2VLAdapter(Adapter):
         packed = Packed()
         hooks: dict[str, Tap] = {"vision.hook_embed": OutputTap(f"{VISION}.patch_embed", view=packed)}
         for i in range(vision.n_layers):
-            hooks |= _vision_block(i, vision.d_head)
+            hooks |= _vision_block(i, vision.d_head, self.vision_block_paths)
         hooks |= {
             "vision.hook_out": OutputTap(f"{VISION}.blocks.{vision.n_layers - 1}", view=packed),
             "projector.hook_in": InputTap(f"{VISION}.merger", view=packed),
