@@ -167,3 +167,133 @@ def test_vlm_store_keeps_vision_and_lm_rows_with_their_images(tmp_path):
             mine = index[:, 0] == image
             assert torch.equal(store.read(hook)[mine], cache[hook][index[mine, 1], index[mine, 2]])
     assert image_source(pictures).ids == store.image_ids
+
+
+# ---- integrity: every defect of the reliability review (C08-C17) is caught, naming the file ----------------------
+def copy_store(clean, to):
+    import shutil
+
+    shutil.copytree(clean.path, to)
+    return to
+
+
+def shard_file(path, i):
+    return path / json.loads((path / "manifest.json").read_text())["shards"][i]["file"]
+
+
+def test_several_forwards_per_shard_resume_without_duplicates(model, pictures, clean, tmp_path):
+    # default shard size: one shard holds all six forwards
+    whole = harvest_to_store(model, pictures, HOOKS, tmp_path / "default", batch_size=2, progress=False)
+    assert whole.n_shards == 1 and whole.manifest["shards"][0]["images"] == [0, N_IMAGES]
+    assert_same_store(whole, clean)
+    # three forwards a shard, interrupted in the second shard: the resume starts at the first image not listed
+    shard_mb = 3 * (2 * 17 * 32 + 2 * 17 * 32 + 2 * 16) * 4 / 2**20 * 0.99
+    source = crashing(pictures, at=9)
+    with pytest.raises(Crash):
+        harvest_to_store(model, source, HOOKS, tmp_path / "s", batch_size=2, shard_mb=shard_mb, progress=False)
+    interrupted = ActivationStore(tmp_path / "s")
+    assert [s["images"] for s in interrupted.manifest["shards"]] == [[0, 6]]
+    resumed = harvest_to_store(model, source, HOOKS, tmp_path / "s", batch_size=2, shard_mb=shard_mb, progress=False)
+    assert [s["images"] for s in resumed.manifest["shards"]] == [[0, 6], [6, 11]]
+    assert_same_store(resumed, clean)
+
+
+def test_flipped_bytes_are_caught_on_read_and_redone_on_resume(model, pictures, clean, tmp_path, caplog):
+    path = copy_store(clean, tmp_path / "s")
+    file = shard_file(path, 1)
+    data = bytearray(file.read_bytes())
+    data[-64:] = bytes(255 - b for b in data[-64:])  # tensor data, the header stays valid
+    file.write_bytes(bytes(data))
+    with pytest.raises(store_module.CorruptStoreError, match=f"{file.name}.*sha256"):
+        ActivationStore(path).read(HOOKS[0])
+    with caplog.at_level("WARNING"):
+        resumed = harvest_to_store(model, pictures, HOOKS, path, batch_size=2, shard_mb=SHARD_MB, progress=False)
+    assert file.name in caplog.text
+    assert_same_store(resumed, clean)
+
+
+def test_truncated_last_shard_is_never_certified_complete(model, pictures, clean, tmp_path):
+    path = copy_store(clean, tmp_path / "s")
+    last = shard_file(path, clean.n_shards - 1)
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(store_module.CorruptStoreError, match=f"{last.name} is 100 bytes"):
+        ActivationStore(path, verify=False).read(HOOKS[0])
+    with pytest.raises(store_module.CorruptStoreError, match=last.name):
+        ActivationStore(path).trace(HOOKS[0], -1)
+    resumed = harvest_to_store(model, pictures, HOOKS, path, batch_size=2, shard_mb=SHARD_MB, progress=False)
+    assert_same_store(resumed, clean)
+
+
+def test_swapped_shards_and_wrong_row_counts_are_caught_without_hashes(clean, tmp_path):
+    path = copy_store(clean, tmp_path / "s")
+    manifest = json.loads((path / "manifest.json").read_text())
+    first, second = manifest["shards"][0], manifest["shards"][1]
+    a, b = path / first["file"], path / second["file"]
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes), b.write_bytes(a_bytes)
+    for key in ("size", "sha256"):  # as if the swapped files had been listed so: only provenance can tell
+        first[key], second[key] = second[key], first[key]
+    first["rows"], second["rows"] = second["rows"], first["rows"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(store_module.CorruptStoreError, match=f"{a.name} holds rows of images 2..3.*images 0:2"):
+        ActivationStore(path).read(HOOKS[0])
+    clean_manifest = json.loads((clean.path / "manifest.json").read_text())
+    clean_manifest["shards"][0]["rows"][HOOKS[0]] += 5
+    (path / "manifest.json").write_text(json.dumps(clean_manifest))
+    a.write_bytes(a_bytes), b.write_bytes(b_bytes)
+    with pytest.raises(store_module.CorruptStoreError, match=f"{a.name} holds 34 rows.* says 39"):
+        ActivationStore(path, verify=False).read(HOOKS[0])
+
+
+def test_unreadable_files_and_paths_outside_the_store_name_the_file(clean, tmp_path):
+    path = copy_store(clean, tmp_path / "s")
+    manifest_path = path / "manifest.json"
+    text = manifest_path.read_text()
+    manifest_path.write_text(text[: len(text) // 2])
+    with pytest.raises(store_module.CorruptStoreError, match="manifest.json is not a readable manifest"):
+        ActivationStore(path)
+    manifest_path.write_text(text)
+    manifest = json.loads(text)
+    file = path / manifest["shards"][0]["file"]
+    data = bytearray(file.read_bytes())
+    data[8:16] = b"\x00" * 8  # the header's JSON
+    file.write_bytes(bytes(data))
+    with pytest.raises(store_module.CorruptStoreError, match=f"{file.name} is not a readable safetensors file"):
+        ActivationStore(path, verify=False)._load(0, [f"acts/{HOOKS[0]}"], whole=False)
+    for outside in ("../clean/shard_00000.safetensors", str(clean.path / "shard_00000.safetensors")):
+        manifest["shards"][0]["file"] = outside
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(store_module.CorruptStoreError, match="outside the store"):
+            ActivationStore(path)
+
+
+def test_trace_reads_one_index_key_only(clean, monkeypatch):
+    index = clean.index(HOOKS[0])
+    fresh = ActivationStore(clean.path)
+    monkeypatch.setattr(store_module, "load_bytes", lambda data: pytest.fail("trace read a whole shard"))
+    for row in (0, 40, 35, len(index) - 1, -1):
+        image, *rest = index[row].tolist()
+        assert fresh.trace(HOOKS[0], row) == {"image_id": str(image), **dict(zip(store_module.INDEX_COLUMNS,
+                                                                                   [image, *rest], strict=True))}
+    with pytest.raises(IndexError, match="row 999 out of range"):
+        fresh.trace(HOOKS[0], 999)
+
+
+def test_a_second_writer_is_refused(model, pictures, tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "s"
+    path.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; d = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(d, fcntl.LOCK_EX); os.write(d, b'pid %d' % os.getpid()); print('held', flush=True); "
+        "time.sleep(60)"), str(path / "writer.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(store_module.StoreLockedError, match=f"pid {holder.pid} .*writer.lock"):
+            harvest_to_store(model, pictures[:2], HOOKS[:1], path, batch_size=2, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert harvest_to_store(model, pictures[:2], HOOKS[:1], path, batch_size=2, progress=False).complete

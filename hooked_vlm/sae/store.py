@@ -9,8 +9,18 @@ Layout of a store folder (default ``models/activations/<model>/<hooks>__<positio
 
 Writing is crash-safe and resumable: a shard holds whole forwards (all rows of its images), is written to a
 temporary file and renamed, and only then is it added to the manifest (also written to a temporary file and
-renamed). After an interruption, harvesting the same source into the same folder removes files the manifest
-does not list and continues with the first image no listed shard holds: no row is lost or written twice.
+renamed) with its byte size and sha256. After an interruption, harvesting the same source into the same folder
+removes files the manifest does not list, checks every listed shard against its size and sha256 (a truncated
+or altered shard, and every shard after it, is harvested again, with a warning naming the file) and continues
+with the first image no good listed shard holds: no row is lost or written twice. One process writes a store at
+a time: a writer holds an exclusive lock on ``writer.lock`` (``fcntl.flock``, released by the system when the
+process dies, so a killed harvest leaves no stale lock), and a second writer gets :class:`StoreLockedError`.
+
+Reading checks what it reads: the file is the size the manifest says, its sha256 is the manifest's (the first
+time a store object reads a whole shard; ``ActivationStore(path, verify=False)`` skips the hash), its row count is
+the manifest's, and the images its rows name lie in the shard's image range of the manifest, in order (so two
+swapped shard files are caught even without hashing). Shard files must lie inside the store folder. Errors name
+the file. :meth:`ActivationStore.trace` and single-row reads open only the one key they need (``safe_open``).
 
 A data-parallel harvest (``torchrun``; see :mod:`hooked_vlm.sae.distributed`) writes one such store per rank, for
 its run of images (``image_range`` in its manifest), and the manifest at the top lists their shards::
@@ -24,18 +34,25 @@ its run of images (``image_range`` in its manifest), and the manifest at the top
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 from torch import Tensor
 
 from hooked_vlm.sae.distributed import part_folder, process_group_rank, rank_images
@@ -54,6 +71,8 @@ if TYPE_CHECKING:
 
 FORMAT = "hooked_vlm.activations/1"
 MANIFEST = "manifest.json"
+LOCK = "writer.lock"
+_log = logging.getLogger(__name__)
 DEFAULT_ROOT = Path("models/activations")
 #: manifest keys a resumed harvest must agree on (and the parts of a data-parallel harvest, but for image_range)
 _SETTINGS = ("model", "hook_names", "positions", "prompt", "dtype", "batch_size", "image_ids", "image_range")
@@ -62,6 +81,14 @@ _SETTINGS = ("model", "hook_names", "positions", "prompt", "dtype", "batch_size"
 class StoreMismatchError(ValueError):
     """Resuming a store with a different model, hooks, selector, prompt, dtype, batch size or images; merging
     parts that differ so; mixing a single-process and a data-parallel harvest in one folder."""
+
+
+class StoreLockedError(RuntimeError):
+    """Another process is writing this store (it holds ``writer.lock``)."""
+
+
+class CorruptStoreError(ValueError):
+    """A store file is missing, truncated, altered, out of place or unreadable; the message names the file."""
 
 
 def slug(text: str) -> str:
@@ -89,16 +116,93 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CorruptStoreError(f"{path} is not a readable manifest ({error}); harvest the store again "
+                                "(overwrite=True)") from error
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise CorruptStoreError(f"{path} is not an activation-store manifest (no list of shards)")
     # written before data-parallel harvests: a store then always held the whole source
     manifest.setdefault("image_range", [0, len(manifest["image_ids"])])
     return manifest
 
 
+def _shard_path(store: Path, entry: dict[str, Any]) -> Path:
+    """The file of a manifest's shard entry, which must lie inside the store folder (a manifest is data)."""
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CorruptStoreError(f"{store / MANIFEST} lists a shard file {name!r} outside the store folder")
+    return store / name
+
+
+def _check_file(file: Path, entry: dict[str, Any], *, hashed: bool) -> bytes | None:
+    """Raise unless ``file`` exists and has the manifest's size (and sha256, reading it whole: returned)."""
+    if not file.is_file():
+        raise CorruptStoreError(f"shard {file} listed in the manifest is missing")
+    size = file.stat().st_size
+    if "size" in entry and size != entry["size"]:
+        raise CorruptStoreError(f"{file} is {size} bytes, the manifest says {entry['size']} (truncated or "
+                                "rewritten); harvest the store again to redo it")
+    if not hashed:
+        return None
+    data = file.read_bytes()
+    if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CorruptStoreError(f"{file} does not match its sha256 in the manifest (altered, or another shard's "
+                                "file); harvest the store again to redo it")
+    return data
+
+
+@contextlib.contextmanager
+def _writer_lock(path: Path) -> Iterator[None]:
+    """Hold ``path/writer.lock`` exclusively; a second writer (any process) gets :class:`StoreLockedError`."""
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK
+    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock.read_text().strip() or "another process"
+            raise StoreLockedError(f"{path} is being written by {holder} (it holds {lock}); wait for that harvest "
+                                   "to end, or harvest into another folder") from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"pid {os.getpid()} on {os.uname().nodename}".encode())
+        try:
+            yield
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
+
+
+def _keep_good_shards(path: Path, manifest: dict[str, Any]) -> None:
+    """Drop the first listed shard that fails its checks and every one after it, so they are harvested again."""
+    for number, entry in enumerate(manifest["shards"]):
+        file = _shard_path(path, entry)
+        try:
+            data = _check_file(file, entry, hashed=True)
+            if "sha256" not in entry:  # written before checksums: at least it must load, with the listed rows
+                tensors = load_bytes(data)
+                if any(len(tensors[f"acts/{h}"]) != n for h, n in entry["rows"].items()):
+                    raise CorruptStoreError(f"{file} holds other row counts than the manifest lists")
+                entry.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        except (CorruptStoreError, SafetensorError, KeyError) as error:
+            dropped = [e["file"] for e in manifest["shards"][number:]]
+            _log.warning("%s: %s; harvesting images %d: again (dropping %s)", path, error, entry["images"][0],
+                         ", ".join(dropped))
+            manifest["n_images_done"] = entry["images"][0]
+            del manifest["shards"][number:]
+            _write_json(path / MANIFEST, manifest)
+            return
+
+
 class ActivationStore:
     """A store folder, opened for reading (see the module docstring for its layout)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
+        """``verify``: check each shard's sha256 the first time this object reads it whole (sizes, row counts and
+        image ranges are always checked); ``False`` skips the hash, for speed on a store already checked."""
         self.path = Path(path)
         manifest = self.path / MANIFEST
         if not manifest.is_file():
@@ -106,6 +210,10 @@ class ActivationStore:
         self.manifest: dict[str, Any] = _read_manifest(manifest)
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{manifest} is not a {FORMAT} manifest")
+        for entry in self.manifest["shards"]:
+            _shard_path(self.path, entry)
+        self.verify = verify
+        self._verified: set[int] = set()
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{h}: {n}" for h, n in self.n_rows.items())
@@ -127,7 +235,7 @@ class ActivationStore:
     def positions(self, hook_name: str) -> str | dict:
         """The selector ``hook_name``'s rows were harvested with (as :func:`describe_positions` wrote it)."""
         described = self.manifest["positions"]
-        return described[hook_name] if isinstance(described, dict) and "patch_mask" not in described else described
+        return described[hook_name] if isinstance(described, dict) and not {"patch_mask", "patches"} & set(described) else described
 
     @property
     def image_range(self) -> tuple[int, int]:
@@ -158,11 +266,56 @@ class ActivationStore:
             raise KeyError(f"{unknown} not in this store (hooks: {self.hook_names})")
         return names
 
+    def _load(self, i: int, keys: list[str], *, whole: bool) -> dict[str, Tensor]:
+        """Tensors ``keys`` of shard ``i``: the whole file read and its sha256 checked (``whole``, once per shard
+        and object, when ``verify``), else only those keys (``safe_open``). The size is always checked."""
+        entry = self.manifest["shards"][i]
+        file = _shard_path(self.path, entry)
+        hashed = whole and self.verify and i not in self._verified and "sha256" in entry
+        try:
+            if hashed:
+                data = _check_file(file, entry, hashed=True)
+                self._verified.add(i)
+                tensors = load_bytes(data)
+                missing = [k for k in keys if k not in tensors]
+                found = {k: tensors[k] for k in keys if k in tensors}
+            else:
+                _check_file(file, entry, hashed=False)
+                with safe_open(file, "pt") as handle:
+                    present = set(handle.keys())
+                    missing = [k for k in keys if k not in present]
+                    found = {k: handle.get_tensor(k) for k in keys if k in present}
+        except SafetensorError as error:
+            raise CorruptStoreError(f"{file} is not a readable safetensors file ({error}); harvest the store "
+                                    "again to rewrite it") from error
+        if missing:
+            raise CorruptStoreError(f"{file} lacks {missing}: it is not the shard {MANIFEST} lists")
+        return found
+
     def shard(self, i: int, hook_names: str | Sequence[str] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """``(acts, index)`` of shard ``i``, per hook."""
-        tensors = load_file(self.path / self.manifest["shards"][i]["file"])
+        """``(acts, index)`` of shard ``i``, per hook, checked against the manifest (size, sha256, rows, images)."""
         names = self._hooks(hook_names)
-        return {h: tensors[f"acts/{h}"] for h in names}, {h: tensors[f"index/{h}"] for h in names}
+        tensors = self._load(i, [k for h in names for k in (f"acts/{h}", f"index/{h}")], whole=True)
+        acts, index = {h: tensors[f"acts/{h}"] for h in names}, {h: tensors[f"index/{h}"] for h in names}
+        for h in names:
+            self._check_rows(i, h, len(acts[h]), index[h])
+        return acts, index
+
+    def _check_rows(self, i: int, hook: str, n_acts: int, index: Tensor, *, all_rows: bool = True) -> None:
+        """The rows of shard ``i`` are as many as the manifest says and name images of its range, in order
+        (``index`` holds all of them, or with ``all_rows=False`` a few)."""
+        entry = self.manifest["shards"][i]
+        file = self.path / entry["file"]
+        expected = entry["rows"][hook]
+        if n_acts != expected or (all_rows and len(index) != expected):
+            raise CorruptStoreError(f"{file} holds {n_acts} rows of {hook} ({len(index)} index rows), "
+                                    f"{self.path / MANIFEST} says {expected}")
+        start, stop = entry["images"]
+        images = index[:, 0]
+        if len(images) and (images.min() < start or images.max() >= stop or (images.diff() < 0).any()):
+            raise CorruptStoreError(f"{file} holds rows of images {int(images.min())}..{int(images.max())}, but "
+                                    f"{self.path / MANIFEST} lists it for images {start}:{stop} (files swapped or "
+                                    "copied from another store?)")
 
     def read(self, hook_name: str) -> Float[Tensor, "n d"]:
         """Every row of ``hook_name``, in harvest order."""
@@ -174,7 +327,33 @@ class ActivationStore:
 
     def trace(self, hook_name: str, row: int) -> dict[str, Any]:
         """Where row ``row`` of ``hook_name`` came from: image id and index, batch row, position, tile, row, col."""
-        entry = dict(zip(INDEX_COLUMNS, self.index(hook_name)[row].tolist(), strict=True))
+        hook = self._hooks(hook_name)[0]
+        total = self.n_rows[hook]
+        if not -total <= row < total:
+            raise IndexError(f"row {row} out of range: the store holds {total} rows of {hook}")
+        row %= total
+        number = 0  # only this row of this shard's index is read
+        while row >= self.manifest["shards"][number]["rows"][hook]:
+            row -= self.manifest["shards"][number]["rows"][hook]
+            number += 1
+        shard = self.manifest["shards"][number]
+        file = _shard_path(self.path, shard)
+        key = f"index/{hook}"
+        try:
+            _check_file(file, shard, hashed=False)
+            with safe_open(file, "pt") as handle:
+                if key not in set(handle.keys()):
+                    raise CorruptStoreError(f"{file} lacks {key}: it is not the shard {MANIFEST} lists")
+                piece = handle.get_slice(key)
+                n_index = piece.get_shape()[0]
+                values = piece[row : row + 1]
+        except SafetensorError as error:
+            raise CorruptStoreError(f"{file} is not a readable safetensors file ({error})") from error
+        if n_index != shard["rows"][hook]:
+            raise CorruptStoreError(f"{file} holds {n_index} index rows of {hook}, {self.path / MANIFEST} says "
+                                    f"{shard['rows'][hook]}")
+        self._check_rows(number, hook, shard["rows"][hook], values, all_rows=False)
+        entry = dict(zip(INDEX_COLUMNS, values[0].tolist(), strict=True))
         return {"image_id": self.image_ids[entry["image"]], **entry}
 
     def stream(
@@ -312,32 +491,45 @@ def _harvest(
     positions: Positions, prompt: str | None, batch_size: int, dtype: torch.dtype, shard_mb: float, overwrite: bool,
     compiled: bool | dict[str, Any], progress: bool, prefetch: bool,
 ) -> ActivationStore:
-    """Harvest images ``settings["image_range"]`` of ``source`` into the store at ``path``, resuming it."""
-    manifest = _open_for_writing(path, settings, overwrite)
-    manifest["source"] = source.description
-    pending: list[Any] = []
-    pending_bytes = 0
+    """Harvest images ``settings["image_range"]`` of ``source`` into the store at ``path``, resuming it.
 
-    def flush() -> None:
-        nonlocal pending_bytes
-        manifest["shards"].append(_write_shard(path, len(manifest["shards"]), names, pending))
-        manifest["n_images_done"] = pending[-1].stop
-        manifest["d_in"] = {hook: pending[0].acts[hook].shape[-1] for hook in names}
-        _write_json(path / MANIFEST, manifest)
-        pending.clear()
+    Shards are written and listed by one writer thread, in order, while the next forwards run (at most one shard
+    in writing and one filling, so memory stays bounded); an error in the writer is raised here.
+    """
+    with _writer_lock(path), ThreadPoolExecutor(1, thread_name_prefix="store-writer") as writer:
+        manifest = _open_for_writing(path, settings, overwrite)
+        manifest["source"] = source.description
+        pending: list[Any] = []
         pending_bytes = 0
+        writing: Future | None = None
 
-    # rows are selected on the model's device, and only they are copied to the CPU, not whole activations
-    for batch in harvest(model, source, names, positions=positions, prompt=prompt, batch_size=batch_size,
-                         start=manifest["n_images_done"], stop=settings["image_range"][1], dtype=dtype,
-                         compiled=compiled, progress=progress, prefetch=prefetch):
-        batch.acts = {hook: rows.cpu() for hook, rows in batch.acts.items()}
-        pending.append(batch)
-        pending_bytes += sum(a.numel() * a.element_size() for a in batch.acts.values())
-        if pending_bytes >= shard_mb * 2**20:
+        def write(batches: list[Any]) -> None:
+            entry = _write_shard(path, len(manifest["shards"]), names, batches)
+            manifest["shards"].append(entry)
+            manifest["n_images_done"] = batches[-1].stop
+            manifest["d_in"] = {hook: batches[0].acts[hook].shape[-1] for hook in names}
+            _write_json(path / MANIFEST, manifest)
+
+        def flush() -> None:
+            nonlocal pending, pending_bytes, writing
+            if writing is not None:
+                writing.result()  # the previous shard is listed (or its error raised) before the next is queued
+            writing = writer.submit(write, pending)
+            pending, pending_bytes = [], 0
+
+        # rows are selected on the model's device, and only they are copied to the CPU, not whole activations
+        for batch in harvest(model, source, names, positions=positions, prompt=prompt, batch_size=batch_size,
+                             start=manifest["n_images_done"], stop=settings["image_range"][1], dtype=dtype,
+                             compiled=compiled, progress=progress, prefetch=prefetch):
+            batch.acts = {hook: rows.cpu() for hook, rows in batch.acts.items()}
+            pending.append(batch)
+            pending_bytes += sum(a.numel() * a.element_size() for a in batch.acts.values())
+            if pending_bytes >= shard_mb * 2**20:
+                flush()
+        if pending:
             flush()
-    if pending:
-        flush()
+        if writing is not None:
+            writing.result()
     return ActivationStore(path)
 
 
@@ -361,6 +553,7 @@ def _open_for_writing(path: Path, settings: dict[str, Any], overwrite: bool) -> 
                     "n_images_done": settings["image_range"][0], "shards": []}
         path.mkdir(parents=True, exist_ok=True)
         _write_json(manifest_path, manifest)
+    _keep_good_shards(path, manifest)
     listed = {shard["file"] for shard in manifest["shards"]}
     for file in path.glob("shard_*"):
         if file.name not in listed:  # written after the last manifest update, or half-written: redone below
@@ -448,10 +641,13 @@ def _write_shard(path: Path, number: int, hook_names: list[str], batches: list[A
         tensors[f"index/{hook}"] = torch.cat([b.index[hook] for b in batches]).contiguous()
     file = f"shard_{number:05d}.safetensors"
     temporary = path / (file + ".tmp")
-    save_file(tensors, temporary)
+    data = save_bytes(tensors)
+    temporary.write_bytes(data)
     os.replace(temporary, path / file)
     return {
         "file": file,
         "images": [batches[0].start, batches[-1].stop],
         "rows": {hook: len(tensors[f"acts/{hook}"]) for hook in hook_names},
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
     }
