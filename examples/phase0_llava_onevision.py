@@ -100,7 +100,8 @@ def packing_diagram(model: HookedVLM, image: Image.Image, prepared, cache, path:
     axes[1].imshow(canvas)
     grid_maps = stitch(projected[1:], packing.tile_grid) if tiled else None
     heat, x1 = beside(projected[0], grid_maps, fill=np.nan, gap=1)
-    axes[2].imshow(heat, cmap="magma")
+    shown = axes[2].imshow(heat, cmap="magma")
+    fig.colorbar(shown, ax=axes[2], shrink=0.7, location="bottom", label="L2 norm")
     if tiled:
         gh, gw = packing.tile_grid
         for ax, size, x in ((axes[1], tile_px, x0), (axes[2], side, x1)):
@@ -129,7 +130,7 @@ def packing_diagram(model: HookedVLM, image: Image.Image, prepared, cache, path:
         heat, x = beside(base_tokens, packed, fill=np.nan, gap=1)
         newlines = np.full(heat.shape, np.nan)
         newlines[:rows, x + cols] = 1.0
-        axes[3].imshow(heat, cmap="magma")
+        shown = axes[3].imshow(heat, cmap="magma")
         axes[3].imshow(newlines, cmap=ListedColormap(["#2ca02c"]))
         note = (
             f"down-scaled {packing.unpadded_grid[0]}×{packing.unpadded_grid[1]} → {rows}×{cols} (anyres_max): "
@@ -139,8 +140,9 @@ def packing_diagram(model: HookedVLM, image: Image.Image, prepared, cache, path:
         )
         counts = f"{side}×{side} base + {rows}×({cols} + 1 newline) = {packing.n_tokens} tokens"
     else:
-        axes[3].imshow(base_tokens, cmap="magma")
+        shown = axes[3].imshow(base_tokens, cmap="magma")
         note, counts = "", f"{side}×{side} + 1 newline = {packing.n_tokens} tokens"
+    fig.colorbar(shown, ax=axes[3], shrink=0.7, location="bottom", label="L2 norm")
     axes[3].set_title(f"packed into the LM (projector.hook_packed)\n‖lm.hook_embed‖, newlines in green\n{counts}\n{note}")
 
     lm = layout["lm"]

@@ -95,9 +95,11 @@ def packing_diagram(model: HookedVLM, image: Image.Image, prepared, cache, path:
     for k in range(1, cols // merge):
         axes[2].axvline(k * merge - 0.5, color="white", lw=1.6)
     axes[2].set_title("packed index of each patch\n(position in vision.* hooks)\nmerge-window order:\n4 consecutive = one window")
-    axes[3].imshow(vision_norm.cpu().numpy(), cmap="magma")
+    shown = axes[3].imshow(vision_norm.cpu().numpy(), cmap="magma")
+    fig.colorbar(shown, ax=axes[3], shrink=0.7, location="bottom", label="L2 norm")
     axes[3].set_title(f"‖vision.hook_out‖\non the patch grid\n[1, {layout['vision'].shape[1]} packed patches, d]")
-    axes[4].imshow(merged_norm.cpu().numpy(), cmap="magma")
+    shown = axes[4].imshow(merged_norm.cpu().numpy(), cmap="magma")
+    fig.colorbar(shown, ax=axes[4], shrink=0.7, location="bottom", label="L2 norm")
     axes[4].set_title(
         f"‖projector.hook_out‖\non the merged grid\n{rows // merge}×{cols // merge} = {(rows // merge) * (cols // merge)} "
         f"LM tokens\n({patch_px * merge}×{patch_px * merge} px each)"

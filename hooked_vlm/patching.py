@@ -29,7 +29,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from matplotlib.figure import Figure
@@ -40,13 +39,15 @@ from hooked_vlm.adapter import Prepared
 from hooked_vlm.cache import ActivationCache, axes
 from hooked_vlm.layout import InputLayout, Kind, Selector, TowerLayout
 from hooked_vlm.names import block_parts
-from hooked_vlm.readouts import Readout, normalize, resolve_tokenizer
+from hooked_vlm.positions import (  # noqa: F401  (PositionLabel: a public name of this module)
+    PositionLabel,
+    Positions,
+    on_image_grid,
+    position_labels,
+    resolve,
+)
+from hooked_vlm.readouts import Readout, normalize
 from hooked_vlm.taps import OutputTap
-
-#: Positions for patching and knockout: a layout selector (``"image"``, ``"text"``, a patch mask, a callable),
-#: several named selectors (their union), or sequence indices (negative counts from the end; prompts are
-#: left-padded, so ``-1`` is every row's last token).
-Positions = Selector | int | Sequence[int] | Sequence[str]
 
 Hooks = str | Sequence[str]
 
@@ -55,18 +56,8 @@ Hooks = str | Sequence[str]
 # Positions and their labels.
 
 
-def position_mask(layout: InputLayout, hook_name: str, positions: Positions) -> Bool[Tensor, "batch pos"]:
-    """The ``[batch, pos]`` positions of ``hook_name``'s sequence that ``positions`` picks."""
-    tower = layout.tower_for(hook_name)
-    if isinstance(positions, int) or (
-        isinstance(positions, (list, tuple)) and positions and all(isinstance(p, int) for p in positions)
-    ):
-        mask = torch.zeros(tower.shape, dtype=torch.bool)
-        mask[:, torch.as_tensor(positions)] = True
-        return mask
-    if isinstance(positions, (list, tuple)):
-        return torch.stack([position_mask(layout, hook_name, selector) for selector in positions]).any(0)
-    return layout.mask(positions, hook_name)
+#: the ``[batch, pos]`` positions of ``hook_name``'s sequence that ``positions`` picks (one rule for every tool)
+position_mask = resolve
 
 
 def _cells(mask: Bool[Tensor, "batch pos"], what: str) -> Int[Tensor, "n 2"]:
@@ -75,64 +66,6 @@ def _cells(mask: Bool[Tensor, "batch pos"], what: str) -> Int[Tensor, "n 2"]:
     if len(cells) == 0:
         raise ValueError(f"{what} picks no position")
     return cells
-
-
-@dataclass(frozen=True)
-class PositionLabel:
-    """What one sequence position is: its batch row and index, its kind, and for image-derived positions (image,
-    tile, row, col). The batch row is a prompt (or an image, for CLIP) or, in LLaVA-OneVision's vision tower, a tile."""
-
-    batch: int
-    position: int
-    kind: Kind
-    image: int = -1
-    tile: int = -1
-    row: int = -1
-    col: int = -1
-    token: str | None = None  # the token at a text position, when the input has token ids
-
-    def __str__(self) -> str:
-        row = f"[{self.batch}] " if self.batch else ""
-        if self.kind in (Kind.PATCH, Kind.IMAGE):
-            tile = f" t{self.tile}" if self.tile > 0 else ""
-            return f"{row}{self.position}: img{self.image}{tile} ({self.row},{self.col})"
-        if self.token is not None:
-            return f"{row}{self.position}: {self.token!r}"
-        return f"{row}{self.position}: {self.kind.name.lower()}"
-
-
-def position_labels(
-    layout: InputLayout, hook_name: str, cells: Int[Tensor, "n 2"], input_ids: Tensor | None = None, tokenizer: Any = None
-) -> list[PositionLabel]:
-    """Labels of the ``(batch row, position)`` cells of ``hook_name``'s sequence, with tokens at text positions
-    when the sequence is the one ``input_ids`` spell (the LM's, or CLIP's text tower's) and a tokenizer is given."""
-    tower = layout.tower_for(hook_name)
-    tokenizer = resolve_tokenizer(tokenizer)
-    is_text = any(tower is layout.towers.get(key) for key in ("lm", "text"))
-    spell = is_text and input_ids is not None and hasattr(tokenizer, "convert_ids_to_tokens")
-    labels = []
-    for b, p in cells.tolist():
-        kind = Kind(int(tower.kind[b, p]))
-        token = tokenizer.convert_ids_to_tokens(int(input_ids[b, p])) if spell and kind == Kind.TEXT else None
-        fields = (int(getattr(tower, f)[b, p]) for f in ("image", "tile", "row", "col"))
-        labels.append(PositionLabel(b, p, kind, *fields, token=token))
-    return labels
-
-
-def on_image_grid(
-    layout: InputLayout, hook_name: str, labels: Sequence[PositionLabel], values: Float[Tensor, "*lead pos"],
-    image: int = 0, tile: int = 0,
-) -> Float[Tensor, "*lead rows cols"]:
-    """``values`` over labelled positions placed on one image's (tile's) grid of ``hook_name``'s sequence,
-    ``NaN`` at cells without a value."""
-    batch_grid, position_grid = layout.tower_for(hook_name).grid_index(image, tile)
-    index = {(label.batch, label.position): i for i, label in enumerate(labels)}
-    out = torch.full((*values.shape[:-1], *position_grid.shape), float("nan"))
-    for (r, c), p in np.ndenumerate(position_grid.numpy()):
-        i = index.get((int(batch_grid[r, c]), int(p)))
-        if i is not None:
-            out[..., r, c] = values[..., i].float()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,6 +147,7 @@ class PatchingResult:
 
         data = self._data(what)
         label = {"effect": "change in readout", "normalized": "restored fraction", "values": "readout"}[what]
+        signed = what != "values"  # effects and restored fractions: the diverging map, centred on 0, in every figure
         title = title or "\n".join(textwrap.wrap(f"{self.method} of {self._family()}; readout {self.readout}", 44))
         axes_ = self.axes
         if len(axes_) > 2:
@@ -223,15 +157,16 @@ class PatchingResult:
             grids = self.grid(image_index, tile, what)
             grids = grids.reshape(-1, *grids.shape[-2:])  # a single panel without a layer axis
             panels = [f"{axes_[0]} {x}" for x in names[0]] if len(axes_) == 2 else [self._family()]
-            return plotting.layer_heatmaps(image, grids, path, panels, title=title, label=label)
+            return plotting.layer_heatmaps(image, grids, path, panels, title=title, label=label, signed=signed)
         if axes_ == ("layer", "head"):
-            return plotting.head_grid(data, path, title=title, label=label)
+            return plotting.head_grid(data, path, title=title, label=label, signed=signed)
         if axes_ in (("layer",), ("head",)):
             return plotting.layer_curves({label: (self.labels[axes_[0]], data)}, path, title=title, ylabel=label,
                                          xlabel=axes_[0])
         rows, columns = (names[0], names[1]) if len(axes_) == 2 else ([""], names[0])
         return plotting.layer_position_grid(data.reshape(len(rows), len(columns)), path, rows, columns, title=title,
-                                            label=label, ylabel=axes_[0] if len(axes_) == 2 else "", xlabel=axes_[-1])
+                                            label=label, ylabel=axes_[0] if len(axes_) == 2 else "", xlabel=axes_[-1],
+                                            signed=signed)
 
     def _family(self) -> str:
         name = self.hook_names[0]

@@ -181,13 +181,15 @@ def patch_heatmap(
     path: str | Path,
     title: str | None = None,
     label: str | None = None,
-    cmap: str = "inferno",
-    alpha: float = 0.6,
+    cmap: str | None = None,
 ) -> Figure:
-    """``values[rows, cols]`` (one per patch, row 0 at the top) drawn over ``image``, stretched to its size.
+    """``values[rows, cols]`` (one per patch, row 0 at the top) as an opaque heatmap beside ``image``, on the same
+    axes extent so patch (r, c) sits where its pixels sit in the picture on the left.
 
-    Pass the image as the model saw it (e.g. the centre crop a CLIP processor keeps), so that patch (r, c)
-    lands on the pixels it came from. Get the grid from a cache with ``cache.layout.image_grid(name, tensor)``.
+    The heatmap is never blended into the picture: a blend mixes the picture's colours into the map's, and the
+    colour bar can no longer be read. Signed values get a diverging map centred on 0 (see :func:`_value_scale`).
+    Pass the image as the model saw it (e.g. the centre crop a CLIP processor keeps). Get the grid from a cache
+    with ``cache.layout.image_grid(name, tensor)``.
     """
     grid = _numpy(values)
     if grid.ndim != 2:
@@ -197,15 +199,22 @@ def patch_heatmap(
         )
     picture = np.asarray(image)
     height, width = picture.shape[:2]
-    fig = Figure(figsize=(6.0, max(2.5, min(10.0, 5.0 * height / width)) + 0.6), layout="constrained")
-    ax = fig.add_subplot()
+    cmap, vmin, vmax = _value_scale(grid, cmap, sequential="inferno")
+    panel = 4.2
+    fig = Figure(figsize=(2 * panel + 1.0, max(2.5, min(9.0, panel * height / width)) + 0.9), layout="constrained")
+    # the heatmap is the figure's first axes (code reading values back off the figure finds it first), drawn right
+    right = fig.add_subplot(1, 2, 2)
+    left = fig.add_subplot(1, 2, 1)
     extent = (0, width, height, 0)  # (left, right, bottom, top): row 0 of both arrays at the top
-    ax.imshow(picture, extent=extent)
-    heat = ax.imshow(grid, extent=extent, cmap=cmap, alpha=alpha, interpolation="nearest")
-    ax.set_axis_off()
-    fig.colorbar(heat, ax=ax, shrink=0.85, label=label)
+    left.imshow(picture, extent=extent)
+    left.set_title("image", fontsize=9)
+    heat = right.imshow(grid, extent=extent, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    right.set_title(f"{grid.shape[0]}×{grid.shape[1]} patches", fontsize=9)
+    for ax in (left, right):
+        ax.set_axis_off()
+    fig.colorbar(heat, ax=right, shrink=0.85, label=label)
     if title:
-        ax.set_title(title)
+        fig.suptitle(title, fontsize=11)
     return _save(fig, path)
 
 
@@ -235,7 +244,8 @@ def attention_map(
 
 
 def head_grid(
-    values: Tensor | np.ndarray, path: str | Path, title: str | None = None, label: str | None = None, cmap: str = "viridis"
+    values: Tensor | np.ndarray, path: str | Path, title: str | None = None, label: str | None = None,
+    cmap: str | None = None, signed: bool | None = None,
 ) -> Figure:
     """``values[layer, head]`` as a grid: layer 0 at the top, head 0 on the left, each cell labelled if few."""
     grid = _numpy(values)
@@ -244,16 +254,16 @@ def head_grid(
     layers, heads = grid.shape
     fig = Figure(figsize=(min(16.0, 2.0 + 0.55 * heads), min(14.0, 1.4 + 0.4 * layers)), layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(grid, cmap=cmap, aspect="auto", interpolation="nearest")
+    cmap, vmin, vmax = _value_scale(grid, cmap, signed=signed)
+    image = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(heads))
     ax.set_yticks(range(layers))
     if layers * heads <= 400:
-        middle = (np.nanmax(grid) + np.nanmin(grid)) / 2
         for (layer, head), value in np.ndenumerate(grid):
             ax.text(head, layer, f"{value:.2g}", ha="center", va="center", fontsize=7,
-                    color="black" if value > middle else "white")
+                    color=_text_colour(image, value))
     fig.colorbar(image, ax=ax, label=label)
     if title:
         ax.set_title(title)
@@ -264,6 +274,15 @@ def _numpy(values: Tensor | np.ndarray) -> np.ndarray:
     if isinstance(values, Tensor):
         return values.detach().float().cpu().numpy()
     return np.asarray(values, dtype=float)
+
+
+def _text_colour(image: Any, value: float) -> str:
+    """Black on light cells and white on dark ones, judged from the cell's own colour (a diverging map is dark at
+    both ends and light in the middle, so a threshold on the value alone gets half the cells wrong)."""
+    if not np.isfinite(value):
+        return "black"
+    red, green, blue, _ = image.cmap(image.norm(value))
+    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
 
 
 def _save(fig: Figure, path: str | Path) -> Figure:
@@ -277,11 +296,17 @@ def _save(fig: Figure, path: str | Path) -> Figure:
 # Phase 2: patching, knockout and logit-lens figures.
 
 
-def _value_scale(data: np.ndarray, cmap: str | None) -> tuple[str, float | None, float | None]:
-    """A colormap and limits: diverging and centred on 0 for signed data (patching effects), else sequential."""
+def _value_scale(
+    data: np.ndarray, cmap: str | None, sequential: str = "viridis", signed: bool | None = None
+) -> tuple[str, float | None, float | None]:
+    """A colormap and limits: diverging and centred on 0 for signed quantities (patching effects, attributions:
+    ``signed=True``, or any data with a negative value when ``signed`` is None), else sequential. The same signed
+    quantity then reads the same in every figure, whichever sign its values happen to take."""
     finite = data[np.isfinite(data)]
-    if cmap is not None or finite.size == 0 or finite.min() >= 0:
-        return cmap or "viridis", None, None
+    if signed is None:
+        signed = finite.size > 0 and finite.min() < 0
+    if cmap is not None or finite.size == 0 or not signed:
+        return cmap or sequential, None, None
     bound = float(np.abs(finite).max()) or 1.0
     return "RdBu_r", -bound, bound
 
@@ -296,12 +321,13 @@ def layer_position_grid(
     ylabel: str = "layer",
     xlabel: str = "position",
     cmap: str | None = None,
+    signed: bool | None = None,
 ) -> Figure:
     """``values[layer, position]`` as a grid (layer 0 at the top); signed values get a diverging map centred on 0."""
     grid = _numpy(values)
     if grid.shape != (len(layer_labels), len(position_labels)):
         raise ValueError(f"values {grid.shape} do not match {len(layer_labels)} layer and {len(position_labels)} position labels")
-    cmap, vmin, vmax = _value_scale(grid, cmap)
+    cmap, vmin, vmax = _value_scale(grid, cmap, signed=signed)
     layers, positions = grid.shape
     fig = Figure(figsize=(min(24.0, 4.0 + 0.22 * positions), min(14.0, 3.2 + 0.35 * layers)), layout="constrained")
     ax = fig.add_subplot()
@@ -327,23 +353,24 @@ def layer_heatmaps(
     title: str | None = None,
     label: str | None = None,
     cmap: str | None = None,
-    alpha: float = 0.65,
     columns: int = 6,
+    signed: bool | None = None,
 ) -> Figure:
-    """``grids[layer, rows, cols]`` over ``image``, one panel per layer with one shared colour scale (``NaN``
-    cells stay clear). As :func:`patch_heatmap`, pass the image as the model saw it."""
+    """``grids[layer, rows, cols]``, one opaque panel per layer with one shared colour scale, after a first panel
+    with ``image`` itself (``NaN`` cells stay blank). As :func:`patch_heatmap`, pass the image as the model saw
+    it; the heatmaps are not blended into it, so their colours read straight off the colour bar."""
     data = _numpy(grids)
     if data.ndim != 3 or len(titles) != data.shape[0]:
         raise ValueError(f"grids must be [layer, rows, cols] with one title per layer, got {data.shape} and {len(titles)}")
-    cmap, vmin, vmax = _value_scale(data, cmap)
+    cmap, vmin, vmax = _value_scale(data, cmap, signed=signed)
     if vmin is None:
         finite = data[np.isfinite(data)]
         vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     picture = np.asarray(image)
     height, width = picture.shape[:2]
     n = data.shape[0]
-    cols = min(columns, n)
-    rows = -(-n // cols)
+    cols = min(columns, n + 1)
+    rows = -(-(n + 1) // cols)
     panel = 2.6
     fig = Figure(figsize=(panel * cols + 1.2, panel * rows * height / width + 0.8), layout="constrained")
     axes_ = fig.subplots(rows, cols, squeeze=False)
@@ -351,11 +378,12 @@ def layer_heatmaps(
     heat = None
     for i, ax in enumerate(axes_.flat):
         ax.set_axis_off()
-        if i >= n:
-            continue
-        ax.imshow(picture, extent=extent)
-        heat = ax.imshow(data[i], extent=extent, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha, interpolation="nearest")
-        ax.set_title(titles[i], fontsize=9)
+        if i == 0:
+            ax.imshow(picture, extent=extent)
+            ax.set_title("image", fontsize=9)
+        elif i <= n:
+            heat = ax.imshow(data[i - 1], extent=extent, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_title(titles[i - 1], fontsize=9)
     fig.colorbar(heat, ax=axes_, shrink=0.8, label=label)
     if title:
         fig.suptitle(title)
@@ -395,30 +423,32 @@ def patch_tokens(
     path: str | Path,
     title: str | None = None,
     label: str | None = None,
-    cmap: str = "viridis",
-    alpha: float = 0.55,
+    cmap: str | None = None,
 ) -> Figure:
-    """A token written on each patch of ``image`` (``tokens[row][col]``) over a heatmap of ``values[rows, cols]``:
-    e.g. the logit lens's top token and its probability at each image token."""
+    """A token written on each cell of an opaque heatmap of ``values[rows, cols]`` (``tokens[row][col]``), beside
+    ``image``: e.g. the logit lens's top token and its probability at each image token."""
     grid = _numpy(values)
     picture = np.asarray(image)
     height, width = picture.shape[:2]
     rows, cols = grid.shape
     size = max(5.0, min(14.0, 0.55 * cols))
-    fig = Figure(figsize=(size + 1.2, size * height / width + 0.6), layout="constrained")
-    ax = fig.add_subplot()
+    cmap, vmin, vmax = _value_scale(grid, cmap)
+    fig = Figure(figsize=(size * 1.5 + 1.2, size * height / width + 0.8), layout="constrained")
+    beside, ax = fig.subplots(1, 2, width_ratios=(1, 2))
     extent = (0, width, height, 0)
-    ax.imshow(picture, extent=extent)
-    heat = ax.imshow(grid, extent=extent, cmap=cmap, alpha=alpha, interpolation="nearest")
+    beside.imshow(picture, extent=extent)
+    beside.set_axis_off()
+    beside.set_title("image", fontsize=9)
+    heat = ax.imshow(grid, extent=extent, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     fontsize = max(5.0, min(10.0, 110.0 / cols))
     for r in range(rows):
         for c in range(cols):
             text = tokens[r][c]
             if text:
                 ax.text((c + 0.5) * width / cols, (r + 0.5) * height / rows, text[:8], ha="center", va="center",
-                        fontsize=fontsize, color="white", bbox=dict(boxstyle="round,pad=0.1", fc="black", alpha=0.45, lw=0))
+                        fontsize=fontsize, color=_text_colour(heat, grid[r, c]))
     ax.set_axis_off()
     fig.colorbar(heat, ax=ax, shrink=0.85, label=label)
     if title:
-        ax.set_title(title)
+        fig.suptitle(title, fontsize=11)
     return _save(fig, path)

@@ -153,11 +153,21 @@ def _ids(tokens: TokenLike | Sequence[TokenLike] | Tensor, tokenizer: Any) -> In
     return torch.tensor([[token_id(t, tokenizer) for t in tokens]])
 
 
-def _show(ids: Int[Tensor, "rows k"]) -> Any:
-    """Ids for a repr: ``33`` for one token, ``[33, 34]`` for a set, the full table for per-prompt ids."""
+def _show(ids: Int[Tensor, "rows k"], tokenizer: Any = None) -> str:
+    """Tokens for a repr and for figure titles, as the words they decode to when the tokenizer is known
+    (``' yes'``, ``[' A', ' B']``), else as ids (``33``); per-prompt ids as ``per-prompt [batch×k]``."""
     if len(ids) > 1:
-        return ids.tolist()
-    return ids[0].tolist() if ids.shape[1] > 1 else int(ids[0, 0])
+        return f"per-prompt {list(ids.shape)}" if ids.numel() > 8 else str(ids.tolist())
+
+    def word(token: int) -> str | int:
+        return token if tokenizer is None else tokenizer.decode([token])
+
+    row = [word(int(token)) for token in ids[0]]
+    return repr(row) if len(row) > 1 else repr(row[0])
+
+
+def _where(position: int) -> str:
+    return "last token" if position == -1 else f"position {position}"
 
 
 def _per_row(ids: Int[Tensor, "rows k"], batch: int, device: torch.device) -> Int[Tensor, "batch k"]:
@@ -202,6 +212,8 @@ class LogitDiff(_LogitReadout):
         if reduce not in ("max", "mean", "logsumexp"):
             raise ValueError(f"reduce must be 'max', 'mean' or 'logsumexp', not {reduce!r}")
         self.correct, self.incorrect, self.reduce = _ids(correct, tokenizer), _ids(incorrect, tokenizer), reduce
+        # kept only to print the words in reprs and figure titles
+        self._tokenizer = None if tokenizer is None else resolve_tokenizer(tokenizer)
         if self.correct.shape[1] != 1:
             raise ValueError(f"LogitDiff takes one correct token per prompt, got {self.correct.shape[1]}")
 
@@ -219,7 +231,10 @@ class LogitDiff(_LogitReadout):
         return right - wrong
 
     def __repr__(self) -> str:
-        return f"LogitDiff({_show(self.correct)} vs {_show(self.incorrect)}, position={self.position})"
+        wrong = _show(self.incorrect, self._tokenizer)
+        if self.incorrect.shape[1] > 1:
+            wrong = f"{self.reduce} of {wrong}"
+        return f"LogitDiff({_show(self.correct, self._tokenizer)} vs {wrong}, {_where(self.position)})"
 
 
 class TokenProbability(_LogitReadout):
@@ -236,6 +251,7 @@ class TokenProbability(_LogitReadout):
     ):
         super().__init__(position)
         self.target, self.log = _ids(target, tokenizer), log
+        self._tokenizer = None if tokenizer is None else resolve_tokenizer(tokenizer)
 
     def __call__(self, output, cache=None):
         log_probs = self.logits(output).log_softmax(-1)
@@ -243,7 +259,7 @@ class TokenProbability(_LogitReadout):
         return picked if self.log else picked.exp()
 
     def __repr__(self) -> str:
-        return f"TokenProbability({_show(self.target)}, position={self.position}{', log' if self.log else ''})"
+        return f"TokenProbability({_show(self.target, self._tokenizer)}, {_where(self.position)}{', log' if self.log else ''})"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -41,10 +41,6 @@ if TYPE_CHECKING:
 
 DEFAULT_ROOT = Path("models/features")
 
-#: families whose processors resize the short side and centre-crop a square: the patch grid covers that crop
-_CENTRE_CROP = ("clip", "open_clip")
-
-
 @dataclass
 class FeatureScan:
     """Per-feature statistics of one SAE over one image set (top lists sorted, strongest first)."""
@@ -70,6 +66,20 @@ class FeatureScan:
     def mean_activation(self) -> Float[Tensor, " d_sae"]:
         """Mean activation of each feature where it fires (0 for dead features)."""
         return (self.activation_sum.double() / self.fired.clamp(min=1)).float()
+
+    def __repr__(self) -> str:
+        # a summary: the dataclass repr would print every [d_sae, k] tensor in full
+        d_sae, k = self.top_values.shape
+        density = self.density
+        dead = int((self.fired == 0).sum())
+        strongest = self.top_values[:, 0] if k else torch.zeros(d_sae)
+        best = [int(i) for i in strongest.argsort(descending=True)[:5] if strongest[i] > 0]
+        return (
+            f"FeatureScan({self.model_name}, {self.hook_name}, positions={self.positions!r}, "
+            f"{len(self.source.ids)} images, {self.n_rows} rows, d_sae={d_sae}, top {k} per feature; "
+            f"dead {dead}, median density {float(density.median()):.3g}, "
+            f"dense (> 10%) {int((density > 0.1).sum())}; strongest features {best})"
+        )
 
     def top(self, feature: int) -> list[tuple[str, float, tuple[int, int, int]]]:
         """``(image id, max activation, (tile, row, col))`` of the feature's top images, strongest first."""
@@ -142,7 +152,7 @@ def _default_path(scan: FeatureScan, file: str) -> Path:
 def model_view(model: HookedVLM, image: Image.Image) -> Image.Image:
     """The part of ``image`` the patch grid covers: CLIP processors centre-crop a square; LLaVA-OneVision's base
     tile and Qwen2-VL see the whole image (stretched to their grid)."""
-    if model.adapter.family not in _CENTRE_CROP:
+    if not model.adapter.centre_crops_images:
         return image
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
