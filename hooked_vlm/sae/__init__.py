@@ -10,6 +10,7 @@
 - ``model.add_sae(sae)`` / ``run_with_saes`` / ``run_with_cache_with_saes`` (on every ``HookedVLM``): splicing.
 - :func:`evaluate_sae`: explained variance, L0, dead/dense features and the downstream cost of splicing.
 - :func:`scan_features`, :func:`feature_gallery`, :func:`density_histogram`, :func:`feature_table`: analysis.
+- :func:`aesthetic_features`: the features associated with (and causal for) an aesthetic score.
 
 Names are imported on first use, so ``import hooked_vlm`` does not import sae_lens (an optional extra).
 """
@@ -50,6 +51,16 @@ _EXPORTS = {
     "feature_table": "features",
     "planted_features": "synthetic",
     "recovery": "synthetic",
+    "image_activations": "association",
+    "associate": "association",
+    "TensorRows": "association",
+    "aesthetic_features": "aesthetic",
+    "AestheticFeatures": "aesthetic",
+    "load_scores": "aesthetic",
+    "readout_scores": "aesthetic",
+    "aesthetic_readout": "aesthetic",
+    "causal_effects": "aesthetic",
+    "steering_from_summary": "aesthetic",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -265,7 +265,7 @@ def causal_effects(
             prepared = model.prepare_inputs(**model_inputs(model, source.load(first, first + batch_size), prompt))
             leaf: dict[str, Tensor] = {}
 
-            def detach(acts: Tensor, hook: Any) -> Tensor:
+            def detach(acts: Tensor, hook: Any, leaf: dict[str, Tensor] = leaf) -> Tensor:
                 # a leaf, so that one backward gives ∂readout/∂activation of every feature at every position
                 leaf["acts"] = acts.detach().requires_grad_(True)
                 return leaf["acts"]
@@ -516,9 +516,9 @@ def scatter_plot(result: AestheticFeatures, feature: int, path: str | os.PathLik
 def _galleries(model, sae, result: AestheticFeatures, images, out: Path, n: int, prompt) -> list[str]:
     """feature_gallery of the top ``n`` positive and ``n`` negative features, from a FeatureScan built out of the
     store's statistics (no scan over the images again)."""
+    from hooked_vlm.sae.evaluate import trained_positions
     from hooked_vlm.sae.features import FeatureScan, feature_gallery
     from hooked_vlm.sae.harvesting import describe_positions
-    from hooked_vlm.sae.evaluate import trained_positions
 
     source = image_source(images)
     if len(source) != len(result.activations.image_ids):

@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from hooked_vlm.cli import DTYPES, CLIError, load_model
@@ -95,6 +97,25 @@ def cmd_harvest(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _warning_lines() -> Iterator[None]:
+    """Warnings about the run itself (too few steps, a loss that did not fall) as one ``hooked-vlm:`` line."""
+    from hooked_vlm.sae.train import FewStepsWarning
+
+    original = warnings.formatwarning
+
+    def line(message, category, *args, **kwargs) -> str:
+        if issubclass(category, FewStepsWarning):
+            return f"hooked-vlm: warning: {message}\n"
+        return original(message, category, *args, **kwargs)
+
+    warnings.formatwarning = line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
 @_user_errors
 def cmd_train(args: argparse.Namespace) -> int:
     from hooked_vlm.sae.store import ActivationStore
@@ -112,7 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         source, images = _model(args), _images(args)
         fields |= {"positions": _positions(args.positions), "prompt": args.prompt}
-    trained = train_sae(source, args.hook, images, output_path=args.out, **fields)
+    with _warning_lines():
+        trained = train_sae(source, args.hook, images, output_path=args.out, **fields)
     print(f"saved {type(trained.sae).__name__} (d_in {trained.sae.cfg.d_in}, d_sae {trained.sae.cfg.d_sae}) to "
           f"{trained.path}; loss {float(trained.losses[0]):.4g} → {float(trained.losses[-1]):.4g}")
     return 0
@@ -131,18 +153,20 @@ def add_commands(commands: Any) -> None:
             command.add_argument("--hook", required=True, help="hook name")
         command.add_argument("--images", help="a folder of images (read recursively, sorted)")
         command.add_argument("--dataset", help="a Hugging Face dataset saved with save_to_disk (its Image column)")
-        command.add_argument("--n-sample-images", type=int, default=64, help="drawn images when none are given")
-        command.add_argument("--positions", action="append", help="selector, or HOOK=SELECTOR per hook (default all)")
-        command.add_argument("--prompt", help="what a VLM is asked about each image")
+        command.add_argument("--n-sample-images", type=int, default=64,
+                             help="drawn images when none are given (default: %(default)s)")
+        command.add_argument("--positions", action="append",
+                             help="selector, or HOOK=SELECTOR per hook (default: all)")
+        command.add_argument("--prompt", help="what a VLM is asked about each image (default: none)")
         command.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
         command.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
 
     harvest = commands.add_parser("harvest", help="harvest activations of images into a resumable store")
     common(harvest, several_hooks=True)
     harvest.add_argument("--out", help="store folder (default models/activations/<model>/<hooks>__<positions>)")
-    harvest.add_argument("--batch-size", type=int, default=16, help="images per forward")
+    harvest.add_argument("--batch-size", type=int, default=16, help="images per forward (default: %(default)s)")
     harvest.add_argument("--store-dtype", choices=sorted(DTYPES), help="dtype of the stored rows (default: the model's)")
-    harvest.add_argument("--shard-mb", type=float, default=256.0, help="shard size (default 256 MB)")
+    harvest.add_argument("--shard-mb", type=float, default=256.0, help="shard size in MB (default: %(default)s)")
     harvest.add_argument("--overwrite", action="store_true", help="start a store of other settings over")
     harvest.add_argument("--compiled", action="store_true", help="torch.compile the truncated tower (CLIP, GPU)")
     harvest.set_defaults(run=cmd_harvest)
@@ -151,16 +175,76 @@ def add_commands(commands: Any) -> None:
     common(train, several_hooks=False)
     train.add_argument("--store", help="an activation store folder (instead of MODEL and images)")
     train.add_argument("--architecture", default="topk",
-                       choices=["standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"])
-    train.add_argument("--expansion-factor", type=int, default=16)
-    train.add_argument("--k", type=int, default=32)
-    train.add_argument("--training-samples", type=int, help="rows to train on (default: one pass)")
-    train.add_argument("--batch-size", type=int, default=4096)
-    train.add_argument("--lr", type=float, default=3e-4)
-    train.add_argument("--n-batches-for-norm-estimate", type=int)
+                       choices=["standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"],
+                       help="sae_lens SAE architecture (default: %(default)s)")
+    train.add_argument("--expansion-factor", type=int, default=16,
+                       help="SAE width / hook width (default: %(default)s)")
+    train.add_argument("--k", type=int, default=32, help="active features per row of topk/batchtopk (default: %(default)s)")
+    train.add_argument("--training-samples", type=int,
+                       help="rows to train on; more than the store holds loops over it (default: one pass over the "
+                            "rows; a run needs at least 100 × --batch-size rows to learn)")
+    train.add_argument("--batch-size", type=int, default=4096, help="rows per training step (default: %(default)s)")
+    train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default: %(default)s)")
+    train.add_argument("--n-batches-for-norm-estimate", type=int,
+                       help="batches for the activation-norm estimate (default: 100)")
     train.add_argument("--wandb-project", help="log to W&B through sae_lens")
     train.add_argument("--out", help="SAE folder (default models/checkpoints/saes/...)")
     train.set_defaults(run=cmd_train)
+    add_aesthetic_command(commands)
+
+
+@_user_errors
+def cmd_aesthetic(args: argparse.Namespace) -> int:
+    """``aesthetic-features``: rank SAE features by association with image scores (see hooked_vlm.sae.aesthetic)."""
+    from sae_lens import SAE
+
+    from hooked_vlm.sae.aesthetic import aesthetic_features, aesthetic_readout
+
+    sae = SAE.load_from_disk(args.sae)
+    with_model = args.model is not None or args.images is not None or args.dataset is not None
+    model = _model(args) if with_model else None
+    images = _images(args) if with_model else None
+    readout = aesthetic_readout(model, args.readout, path=args.laion_path) if model is not None and args.readout else None
+    scores = readout if args.scores == "readout" else args.scores
+    if scores is readout is None:
+        raise CLIError("--scores readout needs MODEL, --images or --dataset, and --readout")
+    out = args.out or f"models/features/aesthetic/{(args.hook or sae.cfg.metadata.hook_name or 'sae').replace('/', '_')}"
+    result = aesthetic_features(
+        args.store, sae, scores, model=model, images=images, readout=readout, out_dir=out, hook_name=args.hook,
+        reduce=args.reduce, statistic=args.statistic, n_permutations=args.n_permutations, quantile=args.quantile,
+        alpha=args.alpha, column=args.column, id_column=args.id_column, prompt=args.prompt,
+    )
+    for row in result.top(5):
+        print(f"feature {row['feature']}: rho {row['spearman']:+.3f}, d {row['cohens_d']:+.2f}, q {row['q_value']:.3g}")
+    print(f"{result.summary['n_significant']} features with q <= {args.alpha}; wrote {out}/features.csv, summary.json")
+    return 0
+
+
+def add_aesthetic_command(commands: Any) -> None:
+    """``aesthetic-features --store DIR --sae DIR --scores CSV|DATASET|split:POS,NEG|readout [MODEL --images DIR]``."""
+    command = commands.add_parser("aesthetic-features", help="rank SAE features by association with aesthetic scores")
+    command.add_argument("model", nargs="?", default=None, metavar="MODEL", help="for causal effects and galleries")
+    for flag, text in [("--store", "activation store folder"), ("--sae", "SAE folder (sae_lens format)"),
+                       ("--scores", "CSV, saved dataset, split:POS,NEG, or 'readout'")]:
+        command.add_argument(flag, required=True, help=text)
+    command.add_argument("--column", help="score column (CSV or dataset)")
+    command.add_argument("--id-column", help="image id column (CSV or dataset)")
+    command.add_argument("--hook", help="hook in the store (default: the SAE's)")
+    command.add_argument("--reduce", choices=["max", "mean"], default="max")
+    command.add_argument("--statistic", choices=["spearman", "pearson"], default="spearman")
+    command.add_argument("--n-permutations", type=int, default=1000)
+    command.add_argument("--quantile", type=float, default=0.2)
+    command.add_argument("--alpha", type=float, default=0.05)
+    command.add_argument("--readout", choices=["clip", "laion", "vlm"], help="readout for scores and causal effects")
+    command.add_argument("--laion-path", help="LAION aesthetic predictor weights (--readout laion)")
+    command.add_argument("--images", help="the folder the store was harvested from")
+    command.add_argument("--dataset", help="the saved dataset the store was harvested from")
+    command.add_argument("--n-sample-images", type=int, default=64)
+    command.add_argument("--prompt")
+    command.add_argument("--device", choices=["cpu", "cuda"])
+    command.add_argument("--dtype", choices=sorted(DTYPES))
+    command.add_argument("--out", help="output folder (default models/features/aesthetic/<hook>)")
+    command.set_defaults(run=cmd_aesthetic)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
