@@ -188,8 +188,11 @@ class Tap:
 
     @classmethod
     def install_group(cls, root: nn.Module, hook_points: list[BoundHookPoint], run: Run) -> list[Handle]:
+        # names bound to one boundary (``vision.hook_out`` and the last block's ``hook_resid_post``) are installed
+        # last one first, as ``install_taps`` installs groups: with ``prepend=True`` they then fire in forward
+        # order, and each sees the edits of the names before it
         handles = []
-        for hp in hook_points:
+        for hp in reversed(hook_points):
             handles.extend(hp.tap.install(root, hp, run))
         return handles
 

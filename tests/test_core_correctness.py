@@ -1,0 +1,118 @@
+"""No silent wrong values in the core (issue 13): hook order on shared boundaries, image inputs, two threads on one
+model, the dtype of what a hook returns, and arguments checked before the forward."""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+
+import pytest
+import torch
+
+from hooked_vlm import HookedVLM
+from hooked_vlm.taps import InputTap, OutputTap, ResidualSumTap, Run, install_taps, remove_all
+from hooked_vlm.testing import TINY_MODELS, config_names, meta_model, sample_image
+
+VLMS = {"llava_onevision", "qwen2_vl", "qwen2_5_vl"}
+
+
+@functools.cache
+def tiny(family: str) -> HookedVLM:
+    return HookedVLM.from_hf(*TINY_MODELS[family]())
+
+
+def run_kwargs(family: str) -> dict:
+    image = sample_image(64, 64, seed=3)
+    # CLIPs get a caption too, so that the text tower's boundaries run
+    return {"inputs": image, "prompt": "Describe it."} if family in VLMS else {"inputs": image, "text": ["a photo"]}
+
+
+def shared_boundaries(model: HookedVLM) -> dict[tuple[str, str], list[str]]:
+    """Every group of hook names whose taps sit on one module boundary (a module's input or its output), each
+    group in the model's forward order."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name, hp in model.hook_dict.items():
+        tap = hp.tap
+        if isinstance(tap, (OutputTap, ResidualSumTap)):
+            groups[(tap.module, "output")].append(name)
+        elif isinstance(tap, InputTap):
+            groups[(tap.module, "input")].append(name)
+    return {key: names for key, names in groups.items() if len(names) > 1}
+
+
+def firing_order(model: HookedVLM, module: str, boundary: str, names: list[str]) -> list[str]:
+    """The order in which PyTorch will call the taps of ``names`` on ``module``: the order of its hook dict,
+    each hook mapped back to the hook point its closure fires."""
+    hps = [model.hook_dict[n] for n in names]
+    handles = install_taps(model.raw_model, hps, Run(hps, stop_early=False))
+    try:
+        target = model.raw_model.get_submodule(module)
+        hooks = target._forward_hooks if boundary == "output" else target._forward_pre_hooks
+        order = []
+        for hook in hooks.values():
+            cells = dict(zip(hook.__code__.co_freevars, hook.__closure__ or (), strict=True))
+            if "hp" in cells and cells["hp"].cell_contents in hps:
+                order.append(cells["hp"].cell_contents.name)
+        return order
+    finally:
+        remove_all(handles)
+
+
+# ---- 1. hook order -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+def test_every_shared_boundary_fires_in_forward_order_and_later_names_see_earlier_edits(family):
+    model = tiny(family)
+    groups = shared_boundaries(model)
+    assert groups, "every family has hook names sharing a module boundary (hook_attn_out / hook_resid_mid)"
+    kwargs = run_kwargs(family)
+    for (module, boundary), names in groups.items():
+        assert firing_order(model, module, boundary, names) == names, (module, boundary)
+        for i, first in enumerate(names[:-1]):
+            later = names[i + 1 :]
+            _, clean = model.run_with_cache(**kwargs, names_filter=later)
+            zero = lambda x, hook: torch.zeros_like(x)  # noqa: E731
+            with model.hooks([(first, zero)]):
+                _, edited = model.run_with_cache(**kwargs, names_filter=[first, *later])
+            assert edited[first].abs().max() == 0  # the cache holds what the model used
+            for name in later:
+                tap = model.hook_dict[name].tap
+                if tap == model.hook_dict[first].tap:  # one value under two names: the later carries the edit
+                    assert edited[name].abs().max() == 0, (first, name)
+                elif isinstance(tap, ResidualSumTap):  # resid_mid adds the (edited) branch output
+                    assert not torch.equal(edited[name], clean[name]), (first, name)
+                # else: another slice of one fused output (q and k of a qkv projection), independent of the edit
+
+
+@pytest.mark.parametrize("name", config_names())
+def test_shared_boundaries_of_real_size_configs_fire_in_forward_order(name):
+    model = HookedVLM.from_hf(meta_model(name))
+    groups = shared_boundaries(model)
+    assert groups
+    for (module, boundary), names in groups.items():
+        assert firing_order(model, module, boundary, names) == names, (name, module, boundary)
+
+
+def test_vision_out_sees_an_edit_of_the_last_block_on_the_vlms():
+    for family in ("llava_onevision", "qwen2_vl"):
+        model = tiny(family)
+        last = model.adapter.towers()[0].n_layers - 1
+        with model.hooks([(f"vision.blocks.{last}.hook_resid_post", lambda x, hook: torch.zeros_like(x))]):
+            _, cache = model.run_with_cache(**run_kwargs(family), names_filter=["vision.hook_out", "projector.hook_out"])
+        assert cache["vision.hook_out"].abs().max() == 0
+        _, zeros_in = model.run_with_cache(**run_kwargs(family), names_filter="projector.hook_out")
+        assert not torch.equal(cache["projector.hook_out"], zeros_in["projector.hook_out"])
+
+
+def test_several_taps_on_one_module_fire_in_definition_order():
+    # hook_attn_out (the attention output) and hook_resid_mid (block input + that output) are both forward hooks
+    # of one attention module: an ablated attention must leave resid_mid equal to resid_pre
+    model = tiny("clip")
+    names = [f"vision.blocks.0.{leaf}" for leaf in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid")]
+    image = sample_image(64, 64, seed=3)
+    with model.hooks([(names[1], lambda x, hook: torch.zeros_like(x))]):
+        _, cache = model.run_with_cache(image, names_filter=names)
+    torch.testing.assert_close(cache[names[2]], cache[names[0]], rtol=0, atol=0)
+    seen = []
+    hooks = [(n, lambda x, hook: seen.append(hook.name)) for n in reversed(names)]
+    model.run_with_hooks(image, fwd_hooks=hooks)
+    assert seen == names
