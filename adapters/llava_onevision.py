@@ -169,11 +169,6 @@ class LlavaOnevisionLayout(InputLayout):
 
     images: list[ImagePacking] = field(default_factory=list)
 
-    @property
-    def image_token_mask(self) -> Bool[Tensor, "batch seq"]:
-        """LM positions filled from images (image and newline tokens): ``input_ids == image_token_id``."""
-        return torch.isin(self.towers["lm"].kind, torch.tensor((Kind.IMAGE, Kind.NEWLINE)))
-
     def image_positions(self, image: int) -> tuple[int, Int[Tensor, " n_tokens"]]:
         """``(batch row, LM positions)`` of every token of ``image`` (base, grid and newlines, in packed order)."""
         packing = self.images[image]

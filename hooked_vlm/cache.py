@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from hooked_vlm.layout import InputLayout, Selector
+from hooked_vlm.positions import resolve_tower
 
 HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k")  # [batch, pos, head, d_head]
 PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")  # [batch, head, query, key]
@@ -95,7 +96,7 @@ class Slicer:
         self._sequence_length[name] = tower.shape[1]
         key = id(tower)
         if key not in self._index:
-            mask = tower.mask(self.positions, layout)
+            mask = resolve_tower(tower, self.positions, layout, what=name)
             counts = mask.sum(1)
             if (counts != counts[0]).any():
                 raise ValueError(

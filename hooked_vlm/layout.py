@@ -3,16 +3,17 @@
 An :class:`InputLayout` holds one :class:`TowerLayout` per token sequence the model runs (``vision``, ``text``,
 ``lm``, ...). A tower layout is a table over ``[batch, pos]``: the kind of each position (CLS, patch, text,
 image token, newline, padding), and for image-derived positions the image index, tile and (row, col).
-Selectors (``"all"``, ``"cls"``, ``"patches"``, ``"image"``, ``"text"``, ``"newline"``, a ``[rows, cols]`` bool
-patch mask, or a callable over the layout) resolve against it to a ``[batch, pos]`` bool mask, so caching,
-SAE harvesting, patching and steering all select positions the same way.
+Position arguments (the vocabulary of :mod:`hooked_vlm.positions`: ``"all"``, ``"cls"``, ``"patches"``, ``"image"``,
+indices, (row, col) pairs, patch masks, unions, callables) resolve against it to a ``[batch, pos]`` bool mask,
+so caching, SAE harvesting, patching and steering all select positions the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Int
@@ -28,16 +29,9 @@ class Kind(IntEnum):
     NEWLINE = 5
 
 
-Selector = str | Tensor | Callable[["InputLayout"], Tensor]
-
-_NAMED = {
-    "cls": (Kind.CLS,),
-    "patches": (Kind.PATCH,),
-    "patch": (Kind.PATCH,),
-    "text": (Kind.TEXT,),
-    "image": (Kind.IMAGE,),
-    "newline": (Kind.NEWLINE,),
-}
+#: a position argument; the whole vocabulary (indices, (row, col) pairs, unions, ...) is
+#: :data:`hooked_vlm.positions.Positions`, which every ``mask`` here resolves
+Selector = str | Tensor | Callable[["InputLayout"], Tensor] | int | Sequence[Any]
 
 
 @dataclass
@@ -59,41 +53,10 @@ class TowerLayout:
         return tuple(self.kind.shape)
 
     def mask(self, selector: Selector, layout: InputLayout | None = None) -> Bool[Tensor, "batch pos"]:
-        """Resolve a selector to a ``[batch, pos]`` bool mask over this tower."""
-        if isinstance(selector, str):
-            if selector == "all":
-                return self.kind != Kind.PAD
-            if selector not in _NAMED:
-                raise ValueError(
-                    f"unknown position selector {selector!r}; expected one of "
-                    f"{['all', *sorted(_NAMED)]}, a [rows, cols] bool patch mask, or a callable over the layout"
-                )
-            picked = torch.isin(self.kind, torch.tensor(_NAMED[selector]))
-            if not picked.any():
-                present = sorted(Kind(k).name.lower() for k in self.kind.unique().tolist())
-                raise ValueError(f"selector {selector!r} matches no position of this sequence (it has: {present})")
-            return picked
-        if isinstance(selector, Tensor):
-            if selector.dtype != torch.bool or selector.dim() != 2:
-                raise ValueError(
-                    f"a patch-mask selector must be a 2-D bool tensor [rows, cols], got {selector.dtype} "
-                    f"{tuple(selector.shape)}"
-                )
-            rows, cols = selector.shape
-            on_grid = (self.row >= 0) & (self.row < rows) & (self.col >= 0) & (self.col < cols)
-            if not self.grids or any(g != (rows, cols) for g in self.grids):
-                raise ValueError(f"patch mask of shape {(rows, cols)} does not match the image grids {self.grids}")
-            picked = torch.zeros_like(on_grid)
-            picked[on_grid] = selector[self.row[on_grid], self.col[on_grid]]
-            return picked
-        if callable(selector):
-            if layout is None:
-                raise ValueError("a callable selector needs the whole InputLayout")
-            mask = selector(layout)
-            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != self.shape:
-                raise ValueError(f"a callable selector must return a bool tensor of shape {self.shape}")
-            return mask
-        raise TypeError(f"unsupported position selector of type {type(selector).__name__}")
+        """Resolve a position argument (:mod:`hooked_vlm.positions`) to a ``[batch, pos]`` bool mask over this tower."""
+        from hooked_vlm.positions import resolve_tower  # positions builds on this module
+
+        return resolve_tower(self, selector, layout)
 
     def patch_positions(self, batch_index: int = 0) -> Int[Tensor, "rows cols"]:
         """Sequence positions of the patches of one batch row, arranged as its ``[rows, cols]`` grid."""
@@ -145,7 +108,16 @@ class InputLayout:
 
     def mask(self, selector: Selector, hook_name: str) -> Bool[Tensor, "batch pos"]:
         """The positions of ``hook_name``'s sequence that ``selector`` picks, as a ``[batch, pos]`` bool mask."""
-        return self.tower_for(hook_name).mask(selector, self)
+        from hooked_vlm.positions import resolve  # positions builds on this module
+
+        return resolve(self, hook_name, selector)
+
+    @property
+    def image_token_mask(self) -> Bool[Tensor, "batch seq"]:
+        """LM positions filled from images (image and newline tokens: ``input_ids == image_token_id``)."""
+        if "lm" not in self.towers:
+            raise KeyError(f"this input has no language-model sequence (towers: {sorted(self.towers)})")
+        return torch.isin(self.towers["lm"].kind, torch.tensor((Kind.IMAGE, Kind.NEWLINE)))
 
     def to_patch_grid(self, hook_name: str, activation: Tensor) -> Tensor:
         """``[batch, pos, ...]`` → ``[batch, rows, cols, ...]`` over the image patches (CLS and text dropped)."""

@@ -13,10 +13,10 @@ Both are applied by attaching ordinary hooks, so they compose with every entry p
         generation = model.generate(image, prompt="Describe the image.", max_new_tokens=20)
     model.run_with_hooks(image, fwd_hooks=steering_hooks(model, [vector]))
 
-Positions use the selector vocabulary of :mod:`hooked_vlm.layout` (``"all"``, ``"cls"``, ``"patches"``, ``"image"``,
-``"text"``, ``"newline"``, a ``[rows, cols]`` bool patch mask, a callable over the layout), plus :class:`Patches`
-(cells by ``(row, col)``, on any grid), ``"prompt"`` (every prompt position) and ``"generated"`` (the tokens
-``generate`` adds). Layout selectors pick prompt positions; ``"all"`` is ``"prompt"`` plus ``"generated"``. They
+Positions use the one vocabulary of :mod:`hooked_vlm.positions` (``"all"``, ``"cls"``, ``"patches"``, ``"image"``,
+sequence indices, ``(row, col)`` pairs or :class:`Patches`, a patch mask, a union, a callable), with
+``"generated"`` (the tokens ``generate`` adds). Other forms pick prompt positions; ``"all"`` is ``"prompt"``
+plus ``"generated"``. They
 resolve against the layout of the run in progress (``model.current_inputs``), so one vector serves any input.
 
 :func:`sweep` runs a grid of scales (and hooks) against a readout and/or a generation prompt.
@@ -40,9 +40,21 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_vlm.layout import InputLayout, Kind, TowerLayout
+from hooked_vlm.layout import InputLayout
 from hooked_vlm.model import HookedVLM
 from hooked_vlm.plotting import _save
+from hooked_vlm.positions import (  # noqa: F401  (Patches and Positions: public names of this module)
+    ALL,
+    GENERATED,
+    PROMPT,
+    Patches,
+    Positions,
+    describe,
+    from_json,
+    normalize,
+    resolve,
+    to_json,
+)
 
 #: the key of the JSON metadata in a saved vector's safetensors header
 METADATA_KEY = "hooked_vlm.steering"
@@ -52,63 +64,19 @@ METADATA_KEY = "hooked_vlm.steering"
 # Positions.
 
 
-@dataclass(frozen=True)
-class Patches:
-    """Patch (or LM image-token) positions chosen by ``(row, col)`` on their grid, read from the layout.
-
-    Unlike a ``[rows, cols]`` bool mask, the cells apply to grids of any size (e.g. LLaVA-OneVision's base tile
-    and its larger high-res grid, or Qwen2-VL images of different sizes); ``image`` and ``tile`` narrow the
-    choice to one image (its index over the input) and one tile (LLaVA-OneVision: 0 = base tile, 1 = high-res
-    grid in the LM, the tile index in the vision tower).
-    """
-
-    cells: tuple[tuple[int, int], ...]
-    image: int | None = None
-    tile: int | None = None
-
-    def __post_init__(self):
-        try:
-            cells = tuple((int(r), int(c)) for r, c in self.cells)
-        except (TypeError, ValueError):
-            raise ValueError(f"Patches takes (row, col) pairs, e.g. Patches([(0, 1), (2, 3)]), not {self.cells!r}") from None
-        object.__setattr__(self, "cells", cells)
-
-    def mask(self, tower: TowerLayout) -> Bool[Tensor, "batch pos"]:
-        picked = torch.isin(tower.kind, torch.tensor((Kind.PATCH, Kind.IMAGE)))
-        if self.image is not None:
-            picked &= tower.image == self.image
-        if self.tile is not None:
-            picked &= tower.tile == self.tile
-        cell = torch.zeros_like(picked)
-        for row, col in self.cells:
-            cell |= (tower.row == row) & (tower.col == col)
-        return picked & cell
+_PROMPT_ONLY, _GENERATED = PROMPT, GENERATED
 
 
-Positions = str | int | Tensor | Patches | Callable[[InputLayout], Tensor]
-
-_PROMPT_ONLY = "prompt"
-_GENERATED = "generated"
+def _on_generated(positions: Positions) -> bool:
+    """Whether ``positions`` also covers the tokens ``generate`` adds (``"all"``, ``"generated"``, a union with one)."""
+    if isinstance(positions, tuple):
+        return any(_on_generated(p) for p in positions)
+    return isinstance(positions, str) and positions in (ALL, GENERATED)
 
 
 def prompt_positions(layout: InputLayout, hook_name: str, positions: Positions) -> Bool[Tensor, "batch prompt"]:
     """The prompt positions of ``hook_name``'s sequence that ``positions`` picks (``"generated"``: none)."""
-    tower = layout.tower_for(hook_name)
-    if isinstance(positions, str) and positions in ("all", _PROMPT_ONLY, _GENERATED):
-        in_prompt = tower.kind != Kind.PAD
-        return in_prompt if positions != _GENERATED else torch.zeros_like(in_prompt)
-    if isinstance(positions, int):  # a sequence position, as a Probe's `position` (prompts are left-padded)
-        chosen = torch.zeros(tower.shape, dtype=torch.bool)
-        chosen[:, positions] = True
-        return chosen
-    chosen = positions.mask(tower) if isinstance(positions, Patches) else layout.mask(positions, hook_name)
-    if not chosen.any():
-        kinds = sorted({Kind(int(k)).name.lower() for k in tower.kind.unique()})
-        raise ValueError(
-            f"the positions {describe_positions(positions)} select nothing in {hook_name!r}'s sequence "
-            f"(its positions are: {', '.join(kinds)})"
-        )
-    return chosen
+    return resolve(layout, hook_name, positions, generated=True)
 
 
 def steering_mask(
@@ -127,48 +95,21 @@ def steering_mask(
         raise ValueError(
             f"{hook_name!r} fired with [batch, pos] = {[batch, seq]}, which does not fit its layout {[rows, n_prompt]}"
         )
-    on_generated = isinstance(positions, str) and positions in ("all", _GENERATED)
+    on_generated = _on_generated(normalize(positions))
     if seq < n_prompt:  # a decode step: every position is a new token
         return torch.full((batch, seq), on_generated)
     chosen = prompt_positions(layout, hook_name, positions).repeat_interleave(batch // rows, dim=0)
     return torch.cat([chosen, torch.full((batch, seq - n_prompt), on_generated)], dim=1)
 
 
-def describe_positions(positions: Positions) -> str:
-    if isinstance(positions, (str, int)):
-        return repr(positions)
-    if isinstance(positions, Patches):
-        return f"Patches({list(positions.cells)}, image={positions.image}, tile={positions.tile})"
-    if isinstance(positions, Tensor):
-        return f"a {tuple(positions.shape)} patch mask"
-    return getattr(positions, "__name__", type(positions).__name__)
-
-
-def _encode_positions(positions: Positions) -> Any:
-    if isinstance(positions, (str, int)):
-        return positions
-    if isinstance(positions, Patches):
-        return {"patches": [list(c) for c in positions.cells], "image": positions.image, "tile": positions.tile}
-    if isinstance(positions, Tensor):
-        return {"patch_mask": positions.tolist()}
-    raise TypeError(
-        f"positions given as {describe_positions(positions)} cannot be saved; use a named selector, Patches or a "
-        "[rows, cols] bool mask"
-    )
-
-
-def _decode_positions(spec: Any) -> Positions:
-    if isinstance(spec, (str, int)):
-        return spec
-    if "patches" in spec:
-        return Patches(tuple(map(tuple, spec["patches"])), image=spec["image"], tile=spec["tile"])
-    return torch.tensor(spec["patch_mask"], dtype=torch.bool)
+#: the label of a position argument (one rule: :func:`hooked_vlm.positions.describe`)
+describe_positions = describe
+_encode_positions, _decode_positions = to_json, from_json
 
 
 def _check_positions(hook_name: str, positions: Positions) -> Positions:
-    if isinstance(positions, (list, tuple)):
-        positions = Patches(tuple(positions))
-    if isinstance(positions, str) and positions == _GENERATED and not hook_name.startswith("lm."):
+    positions = normalize(positions)
+    if _on_generated(positions) and positions != ALL and not hook_name.startswith("lm."):
         raise ValueError(f"positions='generated' needs an LM hook (lm.*): {hook_name!r} never sees generated tokens")
     return positions
 

@@ -3,9 +3,9 @@
 sae_lens's own activation store streams token ids; images reach its trainer through these iterators instead.
 Every forward runs through :meth:`HookedVLM.run_with_cache` with the hook names as ``names_filter``, so the
 model stops as soon as the last requested hook has fired (a vision hook of a VLM never runs the LM), and
-positions are picked with the layout's selectors (``layout.mask(positions, hook)``): ``"all"`` (padding
-excluded), ``"cls"``, ``"patches"``, ``"image"`` / ``"text"`` / ``"newline"`` tokens of the LM, a
-``[rows, cols]`` bool patch mask, or a callable over the :class:`~hooked_vlm.layout.InputLayout`.
+positions are picked with the vocabulary of :mod:`hooked_vlm.positions` (``layout.mask(positions, hook)``):
+``"all"`` (padding excluded), ``"cls"``, ``"patches"``, ``"image"`` / ``"text"`` / ``"newline"`` tokens of the LM,
+indices, ``(row, col)`` pairs, a ``[rows, cols]`` bool patch mask, a union of these, or a callable.
 
 Every row keeps where it came from (:data:`INDEX_COLUMNS`): the image (its index in the image source, whose
 ``ids`` name it), the batch row and position in the forward that produced it (batch ``image // batch_size``
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from hooked_vlm.cache import PATTERN_HOOKS, ActivationCache
 from hooked_vlm.inputs import load_images
 from hooked_vlm.layout import InputLayout, Kind, Selector, TowerLayout
+from hooked_vlm.positions import record
 from hooked_vlm.taps import current_device
 
 if TYPE_CHECKING:
@@ -143,16 +144,12 @@ def positions_for(positions: Positions, hook_name: str) -> Selector:
     return positions
 
 
-def describe_positions(positions: Positions) -> str | dict:
-    """A JSON-able description of a selector (or of one per hook), for manifests and SAE metadata; a patch mask
-    becomes ``{"patch_mask": [[0, 1], ...]}``, a callable its qualified name."""
+def describe_positions(positions: Positions) -> str | dict | list | int:
+    """A JSON-able record of a selector (or of one per hook), for manifests and SAE metadata: the form of
+    :func:`hooked_vlm.positions.record` (a patch mask ``{"patch_mask": [[0, 1], ...]}``, a callable its name)."""
     if isinstance(positions, Mapping):
         return {name: describe_positions(selector) for name, selector in positions.items()}
-    if isinstance(positions, str):
-        return positions
-    if isinstance(positions, Tensor):
-        return {"patch_mask": positions.int().tolist()}
-    return f"callable:{getattr(positions, '__module__', '?')}.{getattr(positions, '__qualname__', repr(positions))}"
+    return record(positions)
 
 
 def check_hooks(model: HookedVLM, hook_names: Sequence[str], positions: Positions) -> list[str]:
