@@ -102,18 +102,19 @@ def _warning_lines() -> Iterator[None]:
     """Warnings about the run itself (too few steps, a loss that did not fall) as one ``hooked-vlm:`` line."""
     from hooked_vlm.sae.train import FewStepsWarning
 
-    original = warnings.formatwarning
+    original = warnings.showwarning
 
-    def line(message, category, *args, **kwargs) -> str:
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, FewStepsWarning):
-            return f"hooked-vlm: warning: {message}\n"
-        return original(message, category, *args, **kwargs)
+            print(f"hooked-vlm: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
 
-    warnings.formatwarning = line
+    warnings.showwarning = show
     try:
         yield
     finally:
-        warnings.formatwarning = original
+        warnings.showwarning = original
 
 
 @_user_errors

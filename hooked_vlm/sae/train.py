@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -328,11 +329,50 @@ class _Run:
 
 def _prepare(source, hook_names, images, config, model_name, fields_) -> _Run:
     config = replace(config or SAETrainingConfig(), **fields_)
+    if config.architecture not in ARCHITECTURES:  # before any data is read or harvested
+        raise ValueError(f"unknown architecture {config.architecture!r}; choose from {sorted(ARCHITECTURES)}")
     data = _data(source, hook_names, images, config, model_name)
     total = config.training_samples or data.rows_per_pass
     if total is None:
         raise ValueError("training from an activation iterator needs training_samples= (rows to train on)")
+    _check_steps(total, config, looped=config.training_samples is not None)
     return _Run(data, config, total, config.device or data.device)
+
+
+#: fewer optimiser steps than this and an SAE has barely moved from its initialisation (sae_lens's warm-up,
+#: norm estimate and dead-feature windows alone are counted in hundreds of steps)
+MIN_STEPS = 100
+
+
+class FewStepsWarning(UserWarning):
+    """A training run of so few steps that the SAE will hardly learn (see :data:`MIN_STEPS`)."""
+
+
+def _check_steps(total: int, config: SAETrainingConfig, *, looped: bool) -> None:
+    """Refuse a run of zero steps, warn about one of a handful, saying what to change (rows, batch, samples)."""
+    steps = total // config.batch_size
+    what = f"training_samples={total}" if looped else f"the data has {total} rows a pass"
+    if steps == 0:
+        raise ValueError(
+            f"{what}, fewer than one batch of {config.batch_size} rows (batch_size, --batch-size): lower the batch "
+            f"size to at most {total}, or train over several passes with training_samples (--training-samples), "
+            f"e.g. {MIN_STEPS * config.batch_size}"
+        )
+    if steps < MIN_STEPS:
+        warnings.warn(
+            f"{what}: only {steps} training steps of {config.batch_size} rows; an SAE needs at least "
+            f"~{MIN_STEPS}: train over several passes with training_samples (--training-samples) "
+            f"{MIN_STEPS * config.batch_size}, lower batch_size (--batch-size) to {max(1, total // MIN_STEPS)}, or "
+            "harvest more images",
+            FewStepsWarning, stacklevel=4,
+        )
+
+
+def _check_losses(losses: Tensor, hook: str) -> None:
+    if len(losses) > 1 and float(losses[-1]) >= float(losses[0]):
+        warnings.warn(f"the loss of the SAE on {hook} did not fall ({float(losses[0]):.4g} → "
+                      f"{float(losses[-1]):.4g}): train on more rows or with another lr", FewStepsWarning,
+                      stacklevel=3)
 
 
 @contextmanager
@@ -400,7 +440,9 @@ def train_sae(
         finally:
             provider.close()  # the buffer's generator would otherwise complain at interpreter exit
     path = _output_path(output_path, hook_name, config, data)
-    return TrainedSAE(_save(trained, trainer, path, run.device), path, *recorder.curves())
+    result = TrainedSAE(_save(trained, trainer, path, run.device), path, *recorder.curves())
+    _check_losses(result.losses, hook)
+    return result
 
 
 def train_saes(
@@ -449,4 +491,5 @@ def train_saes(
         base = Path(output_path) / slug(h) if output_path is not None else None
         path = _output_path(base, h, config, data)
         results[h] = TrainedSAE(_save(trained[h], trainer.trainers[h], path, run.device), path, *recorders[h].curves())
+        _check_losses(results[h].losses, h)
     return results
