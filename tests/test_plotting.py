@@ -76,3 +76,26 @@ def test_readouts_are_labelled_with_the_words_not_the_ids():
     # ids with a tokenizer decode to their words; without one they stay ids
     assert repr(LogitDiff(a, b, tokenizer=model)) == "LogitDiff('A' vs 'B', last token)"
     assert repr(LogitDiff(a, c)) == f"LogitDiff({a} vs {c}, last token)"
+
+
+def test_printing_a_feature_scan_shows_a_summary_not_its_tensors():
+    from hooked_vlm.sae.features import FeatureScan
+    from hooked_vlm.sae.harvesting import ImageSource
+
+    d_sae, k = 500, 8
+    fired = torch.zeros(d_sae, dtype=torch.long)
+    fired[:3] = torch.tensor([90, 5, 1])  # feature 0 fires on 90 % of the 100 rows; 497 features never fire
+    top_values = torch.zeros(d_sae, k)
+    top_values[:3, 0] = torch.tensor([1.0, 7.0, 3.0])
+    scan = FeatureScan(
+        model_name="clip", hook_name="vision.blocks.1.hook_resid_post", positions="patches", prompt=None,
+        source=ImageSource([f"img{i}" for i in range(10)], "10 images", lambda a, b: []), n_rows=100, fired=fired,
+        activation_sum=fired.float(), top_values=top_values, top_images=torch.zeros(d_sae, k, dtype=torch.long),
+        top_patches=torch.zeros(d_sae, k, 3, dtype=torch.long),
+    )
+    text = repr(scan)
+    assert text == (
+        "FeatureScan(clip, vision.blocks.1.hook_resid_post, positions='patches', 10 images, 100 rows, d_sae=500, "
+        "top 8 per feature; dead 497, median density 0, dense (> 10%) 1; strongest features [1, 2, 0])"
+    )
+    assert "tensor" not in text and str(scan) == text
