@@ -13,6 +13,7 @@ from hooked_vlm.testing.images import half_and_half_image, sample_image
 from hooked_vlm.testing.inputs import real_size_inputs
 from hooked_vlm.testing.llava_onevision import tiny_llava_onevision
 from hooked_vlm.testing.meta import build, config_names, load_config, meta_model
+from hooked_vlm.testing.qwen2_5_vl import tiny_qwen2_5_vl
 from hooked_vlm.testing.qwen2_vl import tiny_qwen2_vl
 
 #: name → factory returning ``(model, processor)``; ``hooked-vlm inspect tiny:NAME`` and the examples use these.
@@ -21,6 +22,7 @@ TINY_MODELS = {
     "open_clip": tiny_open_clip,
     "llava_onevision": tiny_llava_onevision,
     "qwen2_vl": tiny_qwen2_vl,
+    "qwen2_5_vl": tiny_qwen2_5_vl,
 }
 
 __all__ = [
@@ -39,5 +41,6 @@ __all__ = [
     "tiny_clip",
     "tiny_llava_onevision",
     "tiny_open_clip",
+    "tiny_qwen2_5_vl",
     "tiny_qwen2_vl",
 ]
