@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
-from hooked_vlm.adapter import Adapter, BlockPaths, Prepared, TowerInfo, block_hooks, register_adapter
+from hooked_vlm.adapter import BlockPaths, HFAdapter, Prepared, TowerInfo, block_hooks, register_adapter
 from hooked_vlm.inputs import check_type, is_processor_output, load_images, model_keywords, pixel_tensor, to_model
 from hooked_vlm.layout import InputLayout, grid_tower, text_tower
 from hooked_vlm.taps import OutputTap, Tap
@@ -32,29 +32,14 @@ _CLASSES = {cls.__name__: cls for cls in (CLIPModel, CLIPVisionModel, CLIPVision
 
 
 @register_adapter
-class CLIPAdapter(Adapter):
+class CLIPAdapter(HFAdapter):
+    """``load(..., model_class="CLIPVisionModel")`` picks the class (default ``CLIPModel``)."""
+
     family = "clip"
-
-    @classmethod
-    def matches_model(cls, model) -> bool:
-        return type(model) in _CLASSES.values()
-
-    @classmethod
-    def matches_config(cls, config) -> bool:
-        return getattr(config, "model_type", None) in ("clip", "clip_vision_model")
-
-    @classmethod
-    def load(cls, name, *, device, dtype, attn_implementation, model_class: str | type = "CLIPModel", **hf_kwargs):
-        """``model_class`` picks ``CLIPModel`` (default), ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection``."""
-        from transformers import AutoProcessor
-
-        model_class = _CLASSES[model_class] if isinstance(model_class, str) else model_class
-        if attn_implementation is not None:
-            hf_kwargs["attn_implementation"] = attn_implementation
-        model = model_class.from_pretrained(name, dtype=dtype, **hf_kwargs)
-        if "device_map" not in hf_kwargs:
-            model = model.to(device)
-        return model.eval(), AutoProcessor.from_pretrained(name)
+    model_class = CLIPModel
+    model_classes = tuple(_CLASSES.values())
+    model_types = ("clip", "clip_vision_model")
+    centre_crops_images = True  # CLIPImageProcessor resizes the short side and centre-crops a square
 
     # ---- structure --------------------------------------------------------------------------------------------------
     @property
@@ -167,7 +152,7 @@ class CLIPAdapter(Adapter):
             return f"{self._vision_root}encoder.layers"
         if tower == "text" and isinstance(self.model, CLIPModel):
             return "text_model.encoder.layers"
-        return super().block_list(tower)
+        raise self.no_block_list(tower)
 
     def example_inputs(self) -> dict[str, Any]:
         size = self._vision_config.image_size

@@ -41,7 +41,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     unpad_image,
 )
 
-from hooked_vlm.adapter import Adapter, BlockPaths, Prepared, TowerInfo, block_hooks, register_adapter
+from hooked_vlm.adapter import BlockPaths, HFAdapter, Prepared, TowerInfo, block_hooks, register_adapter
 from hooked_vlm.inputs import chat_prompts, check_type, is_processor_output, model_keywords, to_model
 from hooked_vlm.layout import InputLayout, Kind, TowerLayout, text_tower
 from hooked_vlm.taps import InputTap, InstanceOverride, OutputTap, Tap, submodule
@@ -232,32 +232,10 @@ def _vision_tower(images: list[ImagePacking]) -> TowerLayout:
 
 
 @register_adapter
-class LlavaOnevisionAdapter(Adapter):
+class LlavaOnevisionAdapter(HFAdapter):
     family = "llava_onevision"
+    model_class = LlavaOnevisionForConditionalGeneration
     image_features_method = ("model", "get_image_features")
-
-    @classmethod
-    def matches_model(cls, model) -> bool:
-        return isinstance(model, LlavaOnevisionForConditionalGeneration)
-
-    @classmethod
-    def matches_config(cls, config) -> bool:
-        return getattr(config, "model_type", None) == "llava_onevision"
-
-    @classmethod
-    def load(cls, name, *, device, dtype, attn_implementation, **hf_kwargs):
-        """The checkpoint and its own processor; with ``device_map`` accelerate places the weights (no ``.to``)."""
-        from transformers import AutoProcessor
-
-        if attn_implementation is not None:
-            hf_kwargs["attn_implementation"] = attn_implementation
-        if dtype is not None:
-            hf_kwargs["dtype"] = dtype
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(name, **hf_kwargs)
-        if "device_map" not in hf_kwargs:
-            model = model.to(device)
-        hub = {k: hf_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in hf_kwargs}
-        return model.eval(), AutoProcessor.from_pretrained(name, **hub)
 
     # ---- structure --------------------------------------------------------------------------------------------------
     @property
@@ -288,6 +266,12 @@ class LlavaOnevisionAdapter(Adapter):
 
     def tower_of_prefix(self) -> dict[str, str]:
         return dict(TOWER_OF_PREFIX)
+
+    def block_list(self, tower: str) -> str:
+        paths = {"vision": f"{VISION}.encoder.layers", "lm": f"{LM}.layers"}
+        if tower not in paths:
+            raise self.no_block_list(tower)
+        return paths[tower]
 
     def hook_map(self) -> dict[str, Tap]:
         vision, lm = self.towers()
