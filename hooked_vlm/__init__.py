@@ -8,11 +8,12 @@
 from hooked_vlm.cache import ActivationCache
 from hooked_vlm.layout import InputLayout, Kind, TowerLayout
 from hooked_vlm.model import Generation, HookedVLM, UnknownHookError
-from hooked_vlm.taps import HookShapeError
+from hooked_vlm.taps import HookDtypeError, HookShapeError
 
 __all__ = [
     "ActivationCache",
     "Generation",
+    "HookDtypeError",
     "HookShapeError",
     "HookedVLM",
     "InputLayout",

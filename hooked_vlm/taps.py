@@ -25,6 +25,10 @@ class HookShapeError(ValueError):
     """A user hook returned a tensor of the wrong shape."""
 
 
+class HookDtypeError(HookShapeError, TypeError):
+    """A user hook returned a tensor of another dtype than the value it was given, or a meta tensor."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Views: how the tensor at a boundary is presented to the hook point, and how an edit is written back.
 
@@ -149,7 +153,18 @@ class Run:
                 raise HookShapeError(
                     f"hook on {hp.name!r} returned shape {tuple(y.shape)}, expected {tuple(x.shape)}"
                 )
+            if y.dtype != x.dtype:
+                # a silent cast would change the logits (bf16 into a float32 model) or fail deep in a layer norm
+                raise HookDtypeError(
+                    f"hook on {hp.name!r} returned dtype {y.dtype}, expected {x.dtype}; cast what the hook "
+                    f"returns (e.g. `return new.to(x.dtype)`)"
+                )
             if y.device != x.device:  # e.g. a value from a cache kept on the CPU or on another GPU of a device_map
+                if y.device.type == "meta":
+                    raise HookDtypeError(
+                        f"hook on {hp.name!r} returned a tensor on the meta device (shape only, no values); "
+                        f"expected values on {x.device}"
+                    )
                 y = y.to(x.device)
         observer = self.observers.get(hp)
         if observer is not None:

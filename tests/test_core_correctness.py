@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hooked_vlm import HookedVLM
-from hooked_vlm.taps import InputTap, OutputTap, ResidualSumTap, Run, install_taps, remove_all
+from hooked_vlm.taps import HookDtypeError, HookShapeError, InputTap, OutputTap, ResidualSumTap, Run, install_taps, remove_all
 from hooked_vlm.testing import TINY_MODELS, config_names, meta_model, sample_image
 
 VLMS = {"llava_onevision", "qwen2_vl", "qwen2_5_vl"}
@@ -116,3 +116,24 @@ def test_several_taps_on_one_module_fire_in_definition_order():
     hooks = [(n, lambda x, hook: seen.append(hook.name)) for n in reversed(names)]
     model.run_with_hooks(image, fwd_hooks=hooks)
     assert seen == names
+
+
+# ---- 4. what a hook returns ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("returned", "model_dtype"), [(torch.bfloat16, torch.float32), (torch.float64, torch.bfloat16)])
+def test_a_hook_returning_another_dtype_is_an_error_naming_the_hook(returned, model_dtype):
+    model = HookedVLM.from_hf(*TINY_MODELS["clip"]()).to(model_dtype)
+    name = "vision.blocks.0.hook_resid_post"
+    image = sample_image(64, 64, seed=3)
+    with pytest.raises(HookDtypeError, match=rf"{name}.*dtype {returned}.*expected {model_dtype}"):
+        model.run_with_hooks(image, fwd_hooks=[(name, lambda x, hook: x.to(returned))])
+    assert issubclass(HookDtypeError, TypeError) and issubclass(HookDtypeError, HookShapeError)
+    # the same dtype passes, and the model is clean afterwards
+    model.run_with_hooks(image, fwd_hooks=[(name, lambda x, hook: x * 1)])
+    assert model.current_inputs is None
+
+
+def test_a_hook_returning_a_meta_tensor_is_an_error_naming_the_hook():
+    model = tiny("clip")
+    name = "vision.blocks.1.hook_mlp_out"
+    with pytest.raises(HookDtypeError, match=rf"{name}.*meta device"):
+        model.run_with_hooks(sample_image(64, 64), fwd_hooks=[(name, lambda x, hook: torch.empty_like(x, device="meta"))])
