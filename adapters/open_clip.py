@@ -146,7 +146,7 @@ class TextEmbedsTap(Tap):
 
 
 def _block_hooks(prefix: str, block: str) -> dict[str, Tap]:
-    """The DESIGN.md per-block hook set of one ``ResidualAttentionBlock`` (``x + ls_1(attn(ln_1 x))``, ...)."""
+    """The canonical per-block hook set (doc/hook_reference.md) of one ``ResidualAttentionBlock`` (``x + ls_1(attn(ln_1 x))``, ...)."""
     hooks: dict[str, Tap] = {
         f"{prefix}.hook_resid_pre": InputTap(block),
         f"{prefix}.ln1.hook_normalized": OutputTap(f"{block}.ln_1"),
@@ -249,12 +249,17 @@ class OpenCLIPAdapter(Adapter):
         super().__init__(model, processor)
 
     @classmethod
+    centre_crops_images = True  # open_clip's preprocess resizes the short side and centre-crops, as CLIP's
     def matches_model(cls, model) -> bool:
         return isinstance(model, open_clip.CLIP)
 
     @classmethod
     def matches_name(cls, name: str) -> bool:
         return name.startswith("open_clip:")
+
+    @classmethod
+    def claimed_classes(cls) -> tuple[type, ...]:
+        return (open_clip.CLIP,)
 
     @classmethod
     def load(cls, name, *, device, dtype, attn_implementation, **open_clip_kwargs):
@@ -359,7 +364,10 @@ class OpenCLIPAdapter(Adapter):
         return self.model.visual(prepared.kwargs["pixel_values"])
 
     def block_list(self, tower: str) -> str:
-        return {"vision": "visual.transformer.resblocks", "text": "transformer.resblocks"}.get(tower) or super().block_list(tower)
+        paths = {"vision": "visual.transformer.resblocks", "text": "transformer.resblocks"}
+        if tower not in paths:
+            raise self.no_block_list(tower)
+        return paths[tower]
 
     def example_inputs(self) -> dict[str, Any]:
         height, width = self.model.visual.image_size

@@ -39,7 +39,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 from transformers import AttentionInterface, Qwen2VLForConditionalGeneration
 
-from hooked_vlm.adapter import Adapter, BlockPaths, Prepared, TowerInfo, block_hooks, register_adapter
+from hooked_vlm.adapter import BlockPaths, HFAdapter, Prepared, TowerInfo, block_hooks, register_adapter
 from hooked_vlm.attention import AttentionConfigView, AttentionFunctionTap, additive_mask, original_attention_function
 from hooked_vlm.inputs import chat_prompts, check_type, is_processor_output, model_keywords, to_model
 from hooked_vlm.layout import InputLayout, Kind, TowerLayout, text_tower
@@ -260,36 +260,14 @@ def _lm_tower(
 
 
 @register_adapter
-class Qwen2VLAdapter(Adapter):
+class Qwen2VLAdapter(HFAdapter):
     family = "qwen2_vl"
+    packed_vision = True  # all images of a run in one [Σ patches, d] sequence
+    processor_keywords = ("min_pixels", "max_pixels")  # load(min_pixels=...) sets the processor's defaults
     image_features_method = ("model", "get_image_features")
     # what Qwen2.5-VL's adapter (a subclass) changes: the model class and the vision block's module names
     model_class = Qwen2VLForConditionalGeneration
     vision_block_paths = VISION_BLOCK
-
-    @classmethod
-    def matches_model(cls, model) -> bool:
-        return isinstance(model, cls.model_class)
-
-    @classmethod
-    def matches_config(cls, config) -> bool:
-        return getattr(config, "model_type", None) == cls.family
-
-    @classmethod
-    def load(cls, name, *, device, dtype, attn_implementation, min_pixels=None, max_pixels=None, **hf_kwargs):
-        """The model and the checkpoint's processor; ``min_pixels``/``max_pixels`` set the processor's defaults."""
-        from transformers import AutoProcessor
-
-        if attn_implementation is not None:
-            hf_kwargs["attn_implementation"] = attn_implementation
-        if dtype is not None:
-            hf_kwargs["dtype"] = dtype
-        model = cls.model_class.from_pretrained(name, **hf_kwargs)
-        if "device_map" not in hf_kwargs:
-            model = model.to(device)
-        hub = {k: hf_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in hf_kwargs}
-        pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-        return model.eval(), AutoProcessor.from_pretrained(name, **hub, **pixels)
 
     # ---- structure --------------------------------------------------------------------------------------------------
     def towers(self) -> list[TowerInfo]:
@@ -305,6 +283,12 @@ class Qwen2VLAdapter(Adapter):
                 n_kv_heads=text.num_key_value_heads, d_mlp=text.intermediate_size,
             ),
         ]
+
+    def block_list(self, tower: str) -> str:
+        paths = {"vision": f"{VISION}.blocks", "lm": f"{LM}.layers"}
+        if tower not in paths:
+            raise self.no_block_list(tower)
+        return paths[tower]
 
     def hook_map(self) -> dict[str, Tap]:
         vision, lm = self.towers()
