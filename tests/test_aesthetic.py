@@ -200,3 +200,17 @@ def test_cli_runs(tmp_path):
     assert code == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["n_images"] == 12 and (tmp_path / "out" / "features.csv").exists()
+
+
+def test_fast_encode_matches_sae_lens():
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
+
+    from hooked_vlm.sae.association import _encode
+
+    x = torch.randn(50, 32, generator=torch.Generator().manual_seed(2))
+    for sae in (StandardSAE(StandardSAEConfig(d_in=32, d_sae=64, apply_b_dec_to_input=True)),
+                JumpReLUSAE(JumpReLUSAEConfig(d_in=32, d_sae=64)), TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=5))):
+        with torch.no_grad():
+            for parameter in sae.parameters():
+                parameter.normal_(0, 0.3)
+            assert torch.allclose(_encode(sae, x), sae.encode(x), atol=1e-6)

@@ -13,6 +13,7 @@ statistics back to images and patches.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,20 @@ def _resolve_hook(store: Rows, sae: SAE, hook_name: str | None) -> str:
     return hook
 
 
+def _encode(sae: SAE, x: Tensor) -> Float[Tensor, "n d_sae"]:
+    """``sae.encode(x)`` in float32. For ReLU and JumpReLU SAEs (sae_lens's ``StandardSAE`` / ``JumpReLUSAE``,
+    with a ReLU activation), the same computation with the bias fused into the matmul and the activation applied
+    in place in float32: on a CPU, bf16 element-wise passes over ``[n, d_sae]`` cost more than the matmul."""
+    from sae_lens import JumpReLUSAE, StandardSAE
+
+    if type(sae) not in (StandardSAE, JumpReLUSAE) or getattr(sae.cfg, "activation_fn", "relu") not in (None, "relu"):
+        return sae.encode(x).float()
+    hidden = torch.addmm(sae.b_enc, sae.process_sae_in(x), sae.W_enc).float()
+    if type(sae) is JumpReLUSAE:
+        hidden.masked_fill_(hidden <= sae.threshold.float(), 0.0)
+    return hidden.relu_()
+
+
 @torch.no_grad()
 def image_activations(
     store: Rows | str,
@@ -119,6 +134,7 @@ def image_activations(
     reduce: str = "max",
     rows: Callable[[Int[Tensor, "n 6"]], Bool[Tensor, " n"]] | None = None,
     chunk_rows: int = 8192,
+    dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> ImageActivations:
     """Every image's activation of every feature: ``reduce`` (``"max"`` or ``"mean"``) over the image's rows.
@@ -126,12 +142,16 @@ def image_activations(
     ``rows`` optionally selects rows by their index (``INDEX_COLUMNS``: image, batch_row, position, tile, row,
     col), e.g. ``lambda index: index[:, 3] == 0`` for the base tile only; by default every stored row counts
     (the store already holds only the positions harvested). Rows are encoded with ``sae.encode`` as stored
-    (already flattened over heads for per-head hooks), in float32, on the SAE's device.
+    (already flattened over heads for per-head hooks), on the SAE's device, in the SAE's dtype unless ``dtype``
+    says otherwise: ``torch.bfloat16`` encodes 4-5× faster on CPUs with AMX (and on GPUs), with activations to
+    about 3 significant digits, which the rank statistics do not notice; the reductions are in float32.
     """
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce must be 'max' or 'mean', not {reduce!r}")
     store = as_rows(store)
     hook = _resolve_hook(store, sae, hook_name)
+    if dtype is not None and dtype != sae.W_dec.dtype:
+        sae = copy.deepcopy(sae).to(dtype)  # a copy: the caller's SAE keeps its weights and dtype
     n_images, d_sae = len(store.image_ids), sae.cfg.d_sae
     device = sae.W_dec.device
     # -inf so that the max is right whatever sign an architecture's activations take; images without rows are
@@ -150,7 +170,7 @@ def image_activations(
             acts, index = acts[keep], index[keep]
             if not len(acts):
                 continue
-        features = sae.encode(acts.to(device=device, dtype=sae.W_dec.dtype)).float()
+        features = _encode(sae, acts.to(device=device, dtype=sae.W_dec.dtype))
         image = index[:, 0].to(device)
         if reduce == "max":
             values.index_reduce_(0, image, features, "amax", include_self=True)
@@ -361,7 +381,7 @@ def locate_peaks(
     for acts, index in _row_chunks(store, hook, chunk_rows):
         keep = torch.isin(index[:, 0], wanted).nonzero()[:, 0]
         if len(keep):
-            values = sae.encode(acts[keep].to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)).float().cpu()[:, columns]
+            values = _encode(sae, acts[keep].to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)).cpu()[:, columns]
             for r, row in enumerate(keep.tolist()):
                 image = int(index[row, 0])
                 for j, value in enumerate(values[r].tolist()):
