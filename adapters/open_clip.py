@@ -39,6 +39,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from hooked_vlm.adapter import Adapter, Prepared, TowerInfo, register_adapter
+from hooked_vlm.head_results import per_head_results
 from hooked_vlm.inputs import check_type, is_processor_output, load_images, pixel_tensor, to_model
 from hooked_vlm.layout import InputLayout, grid_tower, text_tower
 from hooked_vlm.taps import (
@@ -61,6 +62,7 @@ ATTENTION_HOOKS = {
     "scores": "hook_attn_scores",
     "pattern": "hook_pattern",
     "z": "hook_z",
+    "result": "hook_result",  # z[head] @ W_O[head] per head, [batch, pos, head, d_model] (hooked_vlm.head_results)
 }
 
 def _hooked_attention(
@@ -96,6 +98,12 @@ def _hooked_attention(
     else:
         z = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=attn.dropout if attn.training else 0.0)
     z = through("z", z.transpose(1, 2))
+    if "result" in hooks:
+        result = per_head_results(z, attn.out_proj.weight)
+        edited = run.fire(hooks["result"], result)
+        if edited is not result:  # the output is what the heads write, summed, plus the output bias
+            out = edited.sum(-2)
+            return out if attn.out_proj.bias is None else out + attn.out_proj.bias
     return F.linear(z.flatten(-2), attn.out_proj.weight, attn.out_proj.bias)
 
 

@@ -12,9 +12,9 @@ from torch import Tensor
 from hooked_vlm.layout import InputLayout, Selector
 from hooked_vlm.positions import resolve_tower
 
-HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k")  # [batch, pos, head, d_head]
+HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k", "hook_result")  # [batch, pos, head, d_head]
 PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")  # [batch, head, query, key]
-QUERY_HEAD_HOOKS = ("hook_q", "hook_z", "hook_rot_q", *PATTERN_HOOKS)  # head axis counts query heads (GQA)
+QUERY_HEAD_HOOKS = ("hook_q", "hook_z", "hook_result", "hook_rot_q", *PATTERN_HOOKS)  # head axis counts query heads (GQA)
 
 
 def axes(name: str) -> tuple[int, int | None]:
@@ -183,3 +183,66 @@ class ActivationCache(Mapping[str, Tensor]):
         if self.layout is None:
             raise ValueError("this cache has no input layout attached")
         return self.layout
+
+    # ---- TransformerLens residual-stream methods (hooked_vlm.decomposition; ``tower=`` picks vision/text/lm) ----
+    #: the HookedVLM that made this cache (set by ``run_with_cache``): decompositions read its W_O, biases and norms
+    model = None
+    #: False after :meth:`remove_batch_dim`
+    has_batch_dim = True
+
+    def model_or_raise(self):
+        if self.model is None:
+            raise ValueError("this cache does not know its model; decompositions need a cache from HookedVLM.run_with_cache")
+        return self.model
+
+    def accumulated_resid(self, layer=None, incl_mid=False, apply_ln=False, pos_slice=None, mlp_input=False,
+                          return_labels=False, *, tower=None):
+        from hooked_vlm import decomposition
+
+        return decomposition.accumulated_resid(self, layer, incl_mid, apply_ln, pos_slice, mlp_input, return_labels, tower)
+
+    def decompose_resid(self, layer=None, mlp_input=False, mode="all", apply_ln=False, pos_slice=None, incl_embeds=True,
+                        return_labels=False, *, tower=None):
+        from hooked_vlm import decomposition
+
+        return decomposition.decompose_resid(self, layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels, tower)
+
+    def stack_head_results(self, layer=-1, return_labels=False, incl_remainder=False, pos_slice=None, apply_ln=False,
+                           *, tower=None):
+        from hooked_vlm import decomposition
+
+        return decomposition.stack_head_results(self, layer, return_labels, incl_remainder, pos_slice, apply_ln, tower)
+
+    def get_full_resid_decomposition(self, layer=None, mlp_input=False, expand_neurons=False, apply_ln=False,
+                                     pos_slice=None, return_labels=False, project_output_onto=None, *, tower=None):
+        from hooked_vlm import decomposition
+
+        return decomposition.get_full_resid_decomposition(
+            self, layer, mlp_input, expand_neurons, apply_ln, pos_slice, return_labels, project_output_onto, tower
+        )
+
+    def apply_ln_to_stack(self, residual_stack, layer=None, mlp_input=False, pos_slice=None, batch_slice=None,
+                          has_batch_dim=True, *, tower=None):
+        from hooked_vlm import decomposition
+
+        return decomposition.apply_ln_to_stack(
+            self, residual_stack, layer, mlp_input, pos_slice, batch_slice, has_batch_dim, tower
+        )
+
+    def logit_attrs(self, residual_stack, tokens, incorrect_tokens=None, pos_slice=None, batch_slice=None,
+                    has_batch_dim=True, *, tower="lm"):
+        from hooked_vlm import decomposition
+
+        return decomposition.logit_attrs(
+            self, residual_stack, tokens, incorrect_tokens, pos_slice, batch_slice, has_batch_dim, tower
+        )
+
+    def remove_batch_dim(self) -> ActivationCache:
+        from hooked_vlm import decomposition
+
+        return decomposition.remove_batch_dim(self)
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> ActivationCache:
+        from hooked_vlm import decomposition
+
+        return decomposition.apply_slice_to_batch_dim(self, batch_slice)

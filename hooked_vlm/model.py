@@ -19,6 +19,7 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_vlm.adapter import ADAPTERS, Adapter, Prepared
 from hooked_vlm.cache import ActivationCache, HostCopies, Slicer, stash
+from hooked_vlm.head_results import with_head_results
 from hooked_vlm.layout import Selector
 from hooked_vlm.sae.splice import SAEHooksMixin
 from hooked_vlm.taps import BoundHookPoint, InputTap, Observer, OutputTap, Run, StopForward, install_taps, remove_all
@@ -83,7 +84,8 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         #: the prepared inputs of the run in progress (None between runs): hooks that act on chosen positions
         #: (steering) resolve their selectors against its layout
         self.current_inputs: Prepared | None = None
-        for name, tap in adapter.hook_map().items():
+        # attn.hook_result derived from each hook_z on a Linear's input (hooked_vlm.head_results)
+        for name, tap in with_head_results(adapter.hook_map(), adapter.model).items():
             self._place(name, self._new_hook_point(tap))
         self.setup()
 
@@ -381,7 +383,9 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
                     "only), or the module behind a module-path name is not called (open_clip's attn.out_proj)",
                     stacklevel=2,
                 )
-        return output, ActivationCache(cache, lambda: prepared.layout)
+        result = ActivationCache(cache, lambda: prepared.layout)
+        result.model = self  # decompositions read W_O, biases and final norms (hooked_vlm.decomposition)
+        return output, result
 
     def generate(
         self,

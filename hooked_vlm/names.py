@@ -28,6 +28,7 @@ BLOCK_HOOKS: dict[str, tuple[str, str]] = {
     "attn.hook_attn_scores": (SCORES, "attention scores: scaled and masked, before softmax"),
     "attn.hook_pattern": (SCORES, "attention pattern: after softmax"),
     "attn.hook_z": (HEADS, "per-head attention output, before the output projection"),
+    "attn.hook_result": ("[batch, pos, head, d]", "each head's write into the residual stream: z[head] @ W_O[head], no bias"),
     "hook_attn_out": (RESID, "attention output (after the output projection)"),
     "hook_resid_mid": (RESID, "resid_pre + attn_out: the residual stream between attention and MLP"),
     "ln2.hook_normalized": (RESID, "second norm output (the MLP's input)"),

@@ -120,8 +120,8 @@ def test_hooks_markdown_on_a_meta_config_has_real_sizes(capsys):
     assert rows["hook_image_embeds"][0] == "[1, 768]"
     assert rows["text.blocks.11.attn.hook_q"][0] == "[1, 77, 12, 64]"
     assert rows["hook_text_embeds"][0] == "[1, 768]"
-    # 24 vision and 12 text blocks of 15 hooks, 4 vision-level and 3 text-level hooks
-    assert len(rows) == 24 * 15 + 12 * 15 + 4 + 3
+    # 24 vision and 12 text blocks of 16 hooks, 4 vision-level and 3 text-level hooks
+    assert len(rows) == 24 * 16 + 12 * 16 + 4 + 3
 
 
 def test_hooks_without_example_inputs_still_lists_names(monkeypatch, capsys):

@@ -383,7 +383,7 @@ def test_real_size_configs_on_meta(name, tokens):
     raw = meta_model(name)
     assert isinstance(raw, CLIPModel)
     model = HookedVLM.from_hf(raw)
-    per_block = 15
+    per_block = 16  # with attn.hook_result
     assert len(model.hook_names("vision.blocks.*")) == 24 * per_block
     assert len(model.hook_names("text.blocks.*")) == 12 * per_block
     size = 224 if tokens == 257 else 336

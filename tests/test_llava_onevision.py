@@ -74,12 +74,12 @@ def test_canonical_hook_names(model):
     lm_block = [n.removeprefix("lm.blocks.1.") for n in model.hook_names("lm.blocks.1.*")]
     assert vision_block == [
         "hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-        "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid",
+        "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result", "hook_attn_out", "hook_resid_mid",
         "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
     ]  # fmt: skip
     assert lm_block == [
         "hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q",
-        "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "hook_attn_out",
+        "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result", "hook_attn_out",
         "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
         "hook_mlp_out", "hook_resid_post",
     ]  # fmt: skip
@@ -88,7 +88,7 @@ def test_canonical_hook_names(model):
         "vision.hook_embed", "vision.hook_out", "projector.hook_in", "projector.hook_pre", "projector.hook_post",
         "projector.hook_out", "projector.hook_packed", "lm.hook_embed", "lm.ln_final.hook_normalized",
     ]  # fmt: skip
-    assert len(names) == 9 + 2 * 15 + 2 * 18
+    assert len(names) == 9 + 2 * 16 + 2 * 19
     # forward order: vision, projector, LM
     assert names.index("vision.blocks.1.hook_resid_post") < names.index("projector.hook_in")
     assert names.index("projector.hook_packed") < names.index("lm.hook_embed") < names.index("lm.blocks.0.hook_resid_pre")
@@ -554,7 +554,7 @@ def test_real_configs_on_meta_device(name, d_lm, n_lm, heads, kv_heads, d_head):
     vision, lm = model.adapter.towers()
     assert (vision.n_layers, vision.d_model, vision.n_heads, vision.d_head) == (26, 1152, 16, 72)
     assert (lm.n_layers, lm.d_model, lm.n_heads, lm.n_kv_heads, lm.d_head) == (n_lm, d_lm, heads, kv_heads, d_head)
-    assert len(model.hook_names()) == 9 + 26 * 15 + n_lm * 18
+    assert len(model.hook_names()) == 9 + 26 * 16 + n_lm * 19
     raw = model.raw_model
     assert raw.model.language_model.layers[0].self_attn.k_proj.out_features == kv_heads * d_head
     assert raw.model.multi_modal_projector.linear_1.in_features == 1152

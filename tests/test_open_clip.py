@@ -21,7 +21,8 @@ DONOR_TEXTS = ["two dogs", "a red car on a road", "noise"]
 #: DESIGN.md's per-block hook set, in forward order
 BLOCK_HOOKS = [
     "hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores",
-    "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_pre",
+    "attn.hook_pattern", "attn.hook_z", "attn.hook_result", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized",
+    "mlp.hook_pre",
     "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
 ]
 
@@ -103,7 +104,9 @@ def reference(raw, inputs, tower):
             # the reference z is right: MHA's own output is out_proj(z)
             torch.testing.assert_close(F.linear(z.flatten(-2), attn.out_proj.weight, attn.out_proj.bias), out, atol=TOL, rtol=0)
             store |= {p + "attn.hook_q": q, p + "attn.hook_k": k, p + "attn.hook_v": v,
-                      p + "attn.hook_attn_scores": scores, p + "attn.hook_pattern": pattern, p + "attn.hook_z": z}
+                      p + "attn.hook_attn_scores": scores, p + "attn.hook_pattern": pattern, p + "attn.hook_z": z,
+                      # each head's z times its columns of out_proj.weight (no bias)
+                      p + "attn.hook_result": torch.einsum("bqhd,mhd->bqhm", z, attn.out_proj.weight.unflatten(1, (n_heads, -1)))}
     return store
 
 

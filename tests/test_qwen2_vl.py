@@ -544,7 +544,7 @@ def test_real_size_configs_on_meta(name, d_lm, heads, kv_heads):
     vision, lm = model.adapter.towers()
     assert (vision.n_layers, vision.d_model, vision.n_heads, vision.d_head, vision.d_mlp) == (32, 1280, 16, 80, 5120)
     assert (lm.n_layers, lm.d_model, lm.n_heads, lm.n_kv_heads, lm.d_head) == (28, d_lm, heads, kv_heads, 128)
-    assert len(model.hook_names("vision.blocks.*")) == 32 * 17 and len(model.hook_names("lm.blocks.*")) == 28 * 18
+    assert len(model.hook_names("vision.blocks.*")) == 32 * 18 and len(model.hook_names("lm.blocks.*")) == 28 * 19
     for hook in model.hook_dict.values():  # every tap names a real module of the checkpoint's tree
         raw.get_submodule(hook.tap.module)
     assert raw.model.visual.blocks[0].attn.qkv.out_features == 3 * 1280

@@ -1,0 +1,470 @@
+"""Residual-stream decomposition for every tower, with TransformerLens's cache-method names and meanings.
+
+``accumulated_resid``, ``decompose_resid``, ``stack_head_results``, ``get_full_resid_decomposition``,
+``apply_ln_to_stack`` and ``logit_attrs`` follow ``transformer_lens.ActivationCache`` (3.x), with a ``tower=``
+argument (``"vision"``, ``"text"``, ``"lm"``; default: the model's main tower, the LM of a VLM, the vision tower
+of CLIP). They are thin methods of :class:`hooked_vlm.cache.ActivationCache`, computed here from the cached hooks
+and the wrapped model's own modules (output projections, final norms, unembedding).
+
+Differences from TransformerLens, all because the wrapped model is not weight-processed:
+
+- **Norm weights are not folded.** ``apply_ln_to_stack`` divides by the cached run's scale (as TL does, so the
+  map is linear in the stack) *and multiplies by the norm's weight* γ; the norm's bias β belongs to no
+  component, so ``apply_ln_to_stack(stack).sum(0) + β`` is the model's normed output. The scale is computed from
+  the residual the norm read in the cached run (``resid_pre``/``resid_mid``/final ``resid_post``): those hooks
+  must be cached (TL reads ``hook_scale``, which wrapped models do not have).
+- **"embed"** is the residual stream entering block 0 (``blocks.0.hook_resid_pre``): the patch + position
+  embeddings (after ``ln_pre`` in CLIP), or the LM's input embeddings with the image features merged in. There is
+  no separate ``pos_embed`` (rotary models have none; CLIP's is inside the embedding module).
+- **"bias"** in ``get_full_resid_decomposition`` is the sum of the attention output biases of the layers covered
+  (MLP output biases are inside ``mlp_out``, as TL does with ``expand_neurons=False``; neuron expansion is not
+  offered).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.utils import Slice
+
+from hooked_vlm.head_results import HeadResultTap, per_head_results
+from hooked_vlm.taps import submodule
+
+if TYPE_CHECKING:
+    from hooked_vlm.cache import ActivationCache
+    from hooked_vlm.model import HookedVLM
+
+
+def _slice(pos_slice: Any) -> Slice:
+    return pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+
+
+def main_tower(model: HookedVLM) -> str:
+    names = [t.name for t in model.adapter.towers()]
+    return "lm" if "lm" in names else names[0]
+
+
+@dataclass
+class Norm:
+    """A LayerNorm or RMSNorm module of the wrapped model, and the residual hook it reads in a run."""
+
+    module: nn.Module
+    reads: str  # hook name of the residual stream the norm was applied to
+    kind: str  # "LN" or "RMS"
+    eps: float
+
+    @property
+    def weight(self) -> Tensor | None:
+        return getattr(self.module, "weight", None)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.module, "bias", None) if self.kind == "LN" else None
+
+    def scale(self, resid: Float[Tensor, "... d"]) -> Float[Tensor, "... 1"]:
+        """The divisor this norm applied to ``resid`` (TransformerLens's ``hook_scale``)."""
+        x = resid.float()
+        if self.kind == "LN":
+            x = x - x.mean(-1, keepdim=True)
+        return (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt().to(resid.dtype)
+
+
+def _norm(module: nn.Module, reads: str, where: str) -> Norm:
+    name = type(module).__name__
+    if isinstance(module, nn.LayerNorm) or name.endswith("LayerNorm"):
+        return Norm(module, reads, "LN", float(getattr(module, "eps", 1e-5)))
+    if "RMSNorm" in name:
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+        return Norm(module, reads, "RMS", float(eps))
+    raise TypeError(f"{where} is a {name}, neither a LayerNorm nor an RMSNorm: apply_ln_to_stack cannot apply it")
+
+
+class Tower:
+    """What the decompositions need to know about one tower of a HookedVLM."""
+
+    def __init__(self, model: HookedVLM, name: str | None = None):
+        name = name or main_tower(model)
+        infos = {t.name: t for t in model.adapter.towers()}
+        if name not in infos:
+            raise ValueError(f"tower={name!r}: this {model.adapter.family} model has towers {sorted(infos)}")
+        self.model, self.name, self.info = model, name, infos[name]
+        self.n_layers, self.n_heads = self.info.n_layers, self.info.n_heads
+
+    def hook(self, layer: int, leaf: str) -> str:
+        return f"{self.name}.blocks.{layer}.{leaf}"
+
+    def _module(self, hook_name: str) -> nn.Module:
+        return submodule(self.model.raw_model, self.model.hook_dict[hook_name].tap.module)
+
+    def out_proj(self, layer: int) -> tuple[Float[Tensor, "d_model hd"], Float[Tensor, " d_model"] | None]:
+        """``(weight, bias)`` of block ``layer``'s attention output projection (``W_O`` flattened, ``b_O``)."""
+        name = self.hook(layer, "attn.hook_result")
+        if name not in self.model.hook_dict:
+            raise KeyError(f"{name!r}: this tower has no per-head result hook, so no output projection is known")
+        tap = self.model.hook_dict[name].tap
+        module = submodule(self.model.raw_model, tap.module)
+        if not isinstance(tap, HeadResultTap):  # open_clip: the block, whose nn.MultiheadAttention owns out_proj
+            ls = getattr(module, "ls_1", None)
+            if ls is not None and not isinstance(ls, nn.Identity):
+                raise NotImplementedError(f"{tap.module}: layer scale after attention is not folded into W_O here")
+            module = module.attn.out_proj
+        return module.weight, module.bias
+
+    def head_results(self, cache: ActivationCache, layer: int) -> Float[Tensor, "batch pos head d_model"]:
+        """``attn.hook_result`` of ``layer`` from the cache, or computed from a cached ``attn.hook_z``."""
+        name = self.hook(layer, "attn.hook_result")
+        if name in cache.cache_dict:
+            return cache.cache_dict[name]
+        z_name = self.hook(layer, "attn.hook_z")
+        if z_name not in cache.cache_dict:
+            raise KeyError(f"neither {name!r} nor {z_name!r} is cached: cache '{self.name}.blocks.*.attn.hook_result'")
+        weight, _ = self.out_proj(layer)
+        z = cache.cache_dict[z_name]
+        return per_head_results(z, weight.to(z.device))
+
+    def final_norm(self) -> Norm:
+        """The norm applied to the tower's last residual stream, as the model's next stage reads it."""
+        final = self.hook(self.n_layers - 1, "hook_resid_post")
+        candidates = {
+            "lm": ["lm.ln_final.hook_normalized"],
+            "text": ["text.ln_final.hook_normalized"],
+            "vision": ["vision.hook_out", "projector.ln.hook_normalized"],
+        }.get(self.name, [])
+        for hook in candidates:
+            if hook not in self.model.hook_dict:
+                continue
+            module = self._module(hook)
+            if isinstance(module, nn.LayerNorm) or "Norm" in type(module).__name__:
+                return _norm(module, final, f"{hook} ({self.model.hook_dict[hook].tap.module})")
+        raise ValueError(
+            f"the {self.name} tower of this {self.model.adapter.family} model has no final norm: the next stage reads "
+            f"its residual stream directly ({final}), so there is nothing for apply_ln_to_stack to apply"
+        )
+
+    def block_norm(self, layer: int, mlp_input: bool) -> Norm:
+        leaf, reads = ("ln2.hook_normalized", "hook_resid_mid") if mlp_input else ("ln1.hook_normalized", "hook_resid_pre")
+        hook = self.hook(layer, leaf)
+        return _norm(self._module(hook), self.hook(layer, reads), hook)
+
+    def norm_at(self, layer: int | None, mlp_input: bool) -> Norm:
+        if layer is None or layer == -1 or layer == self.n_layers:
+            return self.final_norm()
+        return self.block_norm(layer, mlp_input)
+
+    def layer_arg(self, layer: int | None) -> int:
+        if layer is None or layer == -1:
+            return self.n_layers
+        if not 0 <= layer <= self.n_layers:
+            raise ValueError(f"layer={layer}: the {self.name} tower has layers 0..{self.n_layers} (n_layers = final)")
+        return layer
+
+
+def _get(cache: ActivationCache, name: str) -> Tensor:
+    try:
+        return cache.cache_dict[name]
+    except KeyError:
+        raise KeyError(f"{name!r} is not cached; the decomposition needs it (run_with_cache with it in names_filter)") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TransformerLens cache methods.
+
+
+def accumulated_resid(
+    cache: ActivationCache,
+    layer: int | None = None,
+    incl_mid: bool = False,
+    apply_ln: bool = False,
+    pos_slice: Any = None,
+    mlp_input: bool = False,
+    return_labels: bool = False,
+    tower: str | None = None,
+):
+    """``[n, batch, pos, d]``: ``resid_pre`` of layers ``0..layer`` (and ``resid_mid`` with ``incl_mid``), plus the
+    final ``resid_post`` when ``layer`` is ``None``/``-1``/``n_layers``; labels ``0_pre``, ``0_mid``, ``final_post``.
+    ``apply_ln`` applies the tower's final norm to each state with its own statistics (TL's ``recompute_ln``) at the
+    final layer, and the cached scale of block ``layer``'s norm otherwise."""
+    t = Tower(cache.model_or_raise(), tower)
+    layer = t.layer_arg(layer)
+    pos_slice = _slice(pos_slice)
+    parts, labels = [], []
+    for i in range(layer + 1):
+        if i == t.n_layers:
+            parts.append(_get(cache, t.hook(i - 1, "hook_resid_post")))
+            labels.append("final_post")
+            continue
+        parts.append(_get(cache, t.hook(i, "hook_resid_pre")))
+        labels.append(f"{i}_pre")
+        if (incl_mid and i < layer) or (mlp_input and i == layer):
+            parts.append(_get(cache, t.hook(i, "hook_resid_mid")))
+            labels.append(f"{i}_mid")
+    stack = torch.stack([pos_slice.apply(p, dim=-2) for p in parts])
+    if apply_ln:
+        if layer == t.n_layers:
+            stack = t.final_norm().module(stack)  # each state with its own statistics, as TL's recompute_ln
+        else:
+            stack = apply_ln_to_stack(cache, stack, layer, mlp_input=mlp_input, pos_slice=pos_slice, tower=t.name)
+    return (stack, labels) if return_labels else stack
+
+
+def decompose_resid(
+    cache: ActivationCache,
+    layer: int | None = None,
+    mlp_input: bool = False,
+    mode: str = "all",
+    apply_ln: bool = False,
+    pos_slice: Any = None,
+    incl_embeds: bool = True,
+    return_labels: bool = False,
+    tower: str | None = None,
+):
+    """``[n, batch, pos, d]``: ``embed``, then ``{l}_attn_out`` and ``{l}_mlp_out`` of each layer before ``layer``
+    (``mode``: ``"all"``, ``"attn"``, ``"mlp"``); with ``mlp_input`` also layer ``layer``'s ``attn_out``. Sums to
+    ``resid_pre`` of ``layer`` (the final ``resid_post`` by default)."""
+    if mode not in ("all", "attn", "mlp"):
+        raise ValueError(f"mode must be 'all', 'attn' or 'mlp', not {mode!r}")
+    t = Tower(cache.model_or_raise(), tower)
+    layer = t.layer_arg(layer)
+    pos_slice = _slice(pos_slice)
+    parts, labels = [], []
+    if incl_embeds:
+        parts.append(_get(cache, t.hook(0, "hook_resid_pre")))
+        labels.append("embed")
+    for i in range(layer):
+        if mode != "mlp":
+            parts.append(_get(cache, t.hook(i, "hook_attn_out")))
+            labels.append(f"{i}_attn_out")
+        if mode != "attn":
+            parts.append(_get(cache, t.hook(i, "hook_mlp_out")))
+            labels.append(f"{i}_mlp_out")
+    if mlp_input and mode != "mlp" and layer < t.n_layers:
+        parts.append(_get(cache, t.hook(layer, "hook_attn_out")))
+        labels.append(f"{layer}_attn_out")
+    stack = torch.stack([pos_slice.apply(p, dim=-2) for p in parts])
+    if apply_ln:
+        stack = apply_ln_to_stack(cache, stack, layer, mlp_input=mlp_input, pos_slice=pos_slice, tower=t.name)
+    return (stack, labels) if return_labels else stack
+
+
+def stack_head_results(
+    cache: ActivationCache,
+    layer: int = -1,
+    return_labels: bool = False,
+    incl_remainder: bool = False,
+    pos_slice: Any = None,
+    apply_ln: bool = False,
+    tower: str | None = None,
+):
+    """``[layer · head, batch, pos, d]``: each head's ``z @ W_O[head]`` (no bias) for the layers before ``layer``,
+    labels ``L{l}H{h}``; ``incl_remainder`` appends ``resid_post[layer - 1]`` minus their sum (``remainder``)."""
+    t = Tower(cache.model_or_raise(), tower)
+    layer = t.layer_arg(layer)
+    pos_slice = _slice(pos_slice)
+    parts, labels = [], []
+    for i in range(layer):
+        result = pos_slice.apply(t.head_results(cache, i), dim=-3)  # [batch, pos, head, d]
+        parts.append(result.movedim(-2, 0))
+        labels.extend(f"L{i}H{h}" for h in range(result.shape[-2]))
+    if parts:
+        stack = torch.cat(parts)
+    else:
+        like = pos_slice.apply(_get(cache, t.hook(0, "hook_resid_pre")), dim=-2)
+        stack = like.new_zeros((0, *like.shape))
+    if incl_remainder:
+        # layer 0 reads resid_post[-1], the final residual, as TransformerLens's negative index does
+        final = pos_slice.apply(_get(cache, t.hook((layer - 1) % t.n_layers, "hook_resid_post")), dim=-2)
+        stack = torch.cat([stack, (final - stack.sum(0))[None]])
+        labels.append("remainder")
+    if apply_ln:
+        stack = apply_ln_to_stack(cache, stack, layer, pos_slice=pos_slice, tower=t.name)
+    return (stack, labels) if return_labels else stack
+
+
+def get_full_resid_decomposition(
+    cache: ActivationCache,
+    layer: int | None = None,
+    mlp_input: bool = False,
+    expand_neurons: bool = False,
+    apply_ln: bool = False,
+    pos_slice: Any = None,
+    return_labels: bool = False,
+    project_output_onto: Tensor | None = None,
+    tower: str | None = None,
+):
+    """``[n, batch, pos, d]``: every head (``L{l}H{h}``), every MLP (``{l}_mlp_out``), ``embed`` and ``bias`` (the
+    attention output biases); sums exactly to ``resid_pre`` of ``layer`` (``resid_mid`` with ``mlp_input``; the
+    final ``resid_post`` by default). ``project_output_onto`` (``[d]`` or ``[d, k]``) projects each component."""
+    if expand_neurons:
+        raise NotImplementedError("expand_neurons=True (per-neuron MLP results) is not offered; pass expand_neurons=False")
+    t = Tower(cache.model_or_raise(), tower)
+    layer = t.layer_arg(layer)
+    pos_slice = _slice(pos_slice)
+    head_layers = layer + (1 if mlp_input and layer < t.n_layers else 0)
+    heads, labels = stack_head_results(cache, head_layers, return_labels=True, pos_slice=pos_slice, tower=t.name)
+    mlps, mlp_labels = decompose_resid(
+        cache, layer, mode="mlp", incl_embeds=False, pos_slice=pos_slice, return_labels=True, tower=t.name
+    ) if layer > 0 else (heads[:0], [])
+    embed = pos_slice.apply(_get(cache, t.hook(0, "hook_resid_pre")), dim=-2)[None]
+    bias = torch.zeros_like(embed[0, ..., :])
+    for i in range(head_layers):
+        b = t.out_proj(i)[1]
+        if b is not None:
+            bias = bias + b.to(bias.device, bias.dtype)
+    stack = torch.cat([heads, mlps, embed, bias[None]])
+    labels = [*labels, *mlp_labels, "embed", "bias"]
+    if apply_ln:
+        stack = apply_ln_to_stack(cache, stack, layer, mlp_input=mlp_input, pos_slice=pos_slice, tower=t.name)
+    if project_output_onto is not None:
+        stack = stack @ project_output_onto.to(stack.device, stack.dtype)
+    return (stack, labels) if return_labels else stack
+
+
+def _apply_norm(stack: Tensor, norm: Norm, scale: Tensor) -> Tensor:
+    if norm.kind == "LN":
+        stack = stack - stack.mean(-1, keepdim=True)
+    stack = stack / scale
+    if norm.weight is not None:
+        stack = stack * norm.weight.to(stack.device, stack.dtype)
+    return stack
+
+
+def apply_ln_to_stack(
+    cache: ActivationCache,
+    residual_stack: Float[Tensor, "n *batch_pos d"],
+    layer: int | None = None,
+    mlp_input: bool = False,
+    pos_slice: Any = None,
+    batch_slice: Any = None,
+    has_batch_dim: bool = True,
+    tower: str | None = None,
+) -> Float[Tensor, "n *batch_pos d"]:
+    """Each component through the norm that reads the residual stream at ``layer`` (the tower's final norm by
+    default; block ``layer``'s ln1, or ln2 with ``mlp_input``), with the scale of the cached run, so the result is
+    linear in the stack: centred (LayerNorm), divided by the cached scale, multiplied by the norm's weight. The
+    norm's bias is not added (no component owns it): ``result.sum(0) + norm.bias`` is the normed output."""
+    t = Tower(cache.model_or_raise(), tower)
+    norm = t.norm_at(layer, mlp_input)
+    # the scale is taken from the residual the norm read in the cached run, sliced as the stack was
+    resid = _slice(batch_slice).apply(_slice(pos_slice).apply(_get(cache, norm.reads), dim=-2), dim=0)
+    if has_batch_dim:
+        residual_stack = _slice(batch_slice).apply(residual_stack, dim=1)
+    scale = norm.scale(resid)
+    return _apply_norm(residual_stack, norm, scale.to(residual_stack.device))
+
+
+def unembedding(model: HookedVLM) -> Float[Tensor, "vocab d_model"]:
+    lm_head = model.raw_model.get_output_embeddings() if hasattr(model.raw_model, "get_output_embeddings") else None
+    if lm_head is None:
+        raise ValueError(f"this {model.adapter.family} model has no unembedding: logit_attrs needs a language model")
+    return lm_head.weight
+
+
+def _token_ids(model: HookedVLM, tokens: Any) -> Tensor:
+    if isinstance(tokens, Tensor):
+        return tokens
+    if isinstance(tokens, int):
+        return torch.tensor(tokens)
+    from hooked_vlm.readouts import token_id
+
+    if isinstance(tokens, str):
+        return torch.tensor(token_id(tokens, model))
+    return torch.tensor([token_id(t, model) for t in tokens])
+
+
+def logit_attrs(
+    cache: ActivationCache,
+    residual_stack: Float[Tensor, "n *batch_pos d"],
+    tokens: Any,
+    incorrect_tokens: Any = None,
+    pos_slice: Any = None,
+    batch_slice: Any = None,
+    has_batch_dim: bool = True,
+    tower: str = "lm",
+) -> Float[Tensor, "n *batch_pos"]:
+    """Each component's direct contribution to the logit of ``tokens`` (minus ``incorrect_tokens``'s): the stack
+    through the final norm with the cached scale (:func:`apply_ln_to_stack`), dotted with the unembedding rows."""
+    model = cache.model_or_raise()
+    w_u = unembedding(model)
+    directions = w_u[_token_ids(model, tokens).to(w_u.device)]
+    if incorrect_tokens is not None:
+        wrong = _token_ids(model, incorrect_tokens)
+        if wrong.shape != _token_ids(model, tokens).shape:
+            raise ValueError(f"tokens and incorrect_tokens must have the same shape ({tuple(wrong.shape)})")
+        directions = directions - w_u[wrong.to(w_u.device)]
+    scaled = apply_ln_to_stack(
+        cache, residual_stack, -1, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim, tower=tower
+    )
+    return (scaled * directions.to(scaled.device, scaled.dtype)).sum(-1)
+
+
+class BatchDimError(ValueError, AssertionError):
+    """A batch-axis operation the cache cannot do (an ``AssertionError`` too, as TransformerLens raises one)."""
+
+
+def _batch_size(cache: ActivationCache) -> int:
+    from collections import Counter
+
+    counts = Counter(v.size(0) for v in cache.cache_dict.values() if v.ndim > 0)
+    return counts.most_common(1)[0][0] if counts else 1
+
+
+def remove_batch_dim(cache: ActivationCache) -> ActivationCache:
+    """Drop the batch axis of a batch-1 cache in place (TransformerLens's ``remove_batch_dim``)."""
+    if not cache.has_batch_dim:
+        import logging
+
+        logging.warning("Tried removing batch dimension after already having removed it.")
+        return cache
+    batch = _batch_size(cache)
+    if batch != 1:
+        raise BatchDimError(f"cannot remove the batch dimension from a cache with batch size {batch}")
+    for key, value in cache.cache_dict.items():
+        if value.ndim > 0 and value.size(0) == 1:
+            cache.cache_dict[key] = value[0]
+    cache.has_batch_dim = False
+    return cache
+
+
+def apply_slice_to_batch_dim(cache: ActivationCache, batch_slice: Any) -> ActivationCache:
+    """A new cache with ``batch_slice`` (an int, slice, list or ``Slice``) applied to every batched tensor; an int
+    removes the batch axis. The sliced cache keeps the model but not the input layout (it describes every row)."""
+    from hooked_vlm.cache import ActivationCache as Cache
+
+    batch_slice = _slice(batch_slice)
+    if not cache.has_batch_dim and batch_slice.mode != "empty":
+        raise BatchDimError("cannot index into a cache without a batch dim")
+    batch = _batch_size(cache)
+    sliced = {
+        name: batch_slice.apply(v, dim=0) if v.ndim > 0 and v.size(0) == batch else v for name, v in cache.cache_dict.items()
+    }
+    new = Cache(sliced, None)
+    new.model = cache.model
+    new.has_batch_dim = batch_slice.mode != "int" and cache.has_batch_dim
+    return new
+
+
+def needed_hooks(tower: str = "*", heads: bool = True) -> list[str]:
+    """Glob patterns of the hooks the decompositions of ``tower`` read (pass as ``names_filter``)."""
+    leaves = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"]
+    if heads:
+        leaves.append("attn.hook_result")
+    return [f"{tower}.blocks.*.{leaf}" for leaf in leaves]
+
+
+__all__: Sequence[str] = (
+    "Tower",
+    "accumulated_resid",
+    "apply_ln_to_stack",
+    "apply_slice_to_batch_dim",
+    "decompose_resid",
+    "get_full_resid_decomposition",
+    "logit_attrs",
+    "needed_hooks",
+    "remove_batch_dim",
+    "stack_head_results",
+)

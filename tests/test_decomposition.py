@@ -1,0 +1,372 @@
+"""Per-head results, residual decompositions (TransformerLens cache methods) and direct attribution, on every
+family's tiny model in float32, against the model's own hooks, HF outputs and hand computations from HF modules."""
+
+import pytest
+import torch
+from reference import direct_hooks
+
+from hooked_vlm import HookedVLM
+from hooked_vlm.decomposition import Tower
+from hooked_vlm.testing import TINY_MODELS, sample_image
+from hooked_vlm.utils import act_name
+
+ATOL = 1e-4
+FAMILIES = ["clip", "open_clip", "llava_onevision", "qwen2_vl"]
+PROMPT = "What is in the picture?"
+
+
+def _inputs(family):
+    if family in ("clip", "open_clip"):
+        return [sample_image(seed=0), sample_image(seed=1, width=80, height=120)], {"text": ["a photo of a cat", "sunset"]}
+    return sample_image(32, 32), {"prompt": PROMPT}
+
+
+def _needed(name):
+    return "blocks" in name or "normalized" in name or name.endswith("hook_out")
+
+
+_MODELS: dict = {}
+
+
+def get(family):
+    """``(model, output, cache)`` of one full run per family (built once: tests only read them)."""
+    if family not in _MODELS:
+        raw, processor = TINY_MODELS[family]()
+        model = HookedVLM.from_hf(raw, processor)
+        inputs, kwargs = _inputs(family)
+        with torch.no_grad():
+            output, cache = model.run_with_cache(inputs, names_filter=_needed, stop_early=False, **kwargs)
+        _MODELS[family] = model, output, cache
+    return _MODELS[family]
+
+
+def towers(family):
+    return [t.name for t in get(family)[0].adapter.towers()]
+
+
+CASES = [(f, t) for f in FAMILIES for t in {"clip": ["vision", "text"], "open_clip": ["vision", "text"]}.get(f, ["vision", "lm"])]
+
+
+def _run(model, family, **kwargs):
+    inputs, extra = _inputs(family)
+    with torch.no_grad():
+        return model(inputs, **extra, **kwargs)
+
+
+def _first(output):
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+# ---- step 1: attn.hook_result --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,tower", CASES)
+def test_head_results_plus_bias_equal_attn_out(family, tower):
+    model, _, cache = get(family)
+    t = Tower(model, tower)
+    for layer in range(t.n_layers):
+        result = cache[f"{tower}.blocks.{layer}.attn.hook_result"]
+        assert result.shape[-2:] == (t.n_heads, t.info.d_model)
+        bias = t.out_proj(layer)[1]
+        total = result.sum(-2) + (0 if bias is None else bias)
+        torch.testing.assert_close(total, cache[f"{tower}.blocks.{layer}.hook_attn_out"], atol=ATOL, rtol=0)
+    stack = cache.stack_head_results(tower=tower)
+    assert stack.shape[0] == t.n_layers * t.n_heads
+
+
+def test_head_results_by_hand_from_hf_modules():
+    """HF CLIP: each head's result is its slice of out_proj's input times its columns of out_proj.weight."""
+    model, _, cache = get("clip")
+    raw = model.raw_model
+    layer = raw.vision_model.encoder.layers[1].self_attn
+    store, handles = direct_hooks(raw, {"z": ("vision_model.encoder.layers.1.self_attn.out_proj", "in")})
+    try:
+        inputs, kwargs = _inputs("clip")
+        with torch.no_grad():
+            raw(**model.prepare_inputs(inputs, **kwargs).kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    d_head = layer.head_dim
+    ours = cache["vision.blocks.1.attn.hook_result"]
+    for head in range(layer.num_heads):
+        cols = slice(head * d_head, (head + 1) * d_head)
+        by_hand = store["z"][..., cols] @ layer.out_proj.weight[:, cols].T
+        torch.testing.assert_close(ours[:, :, head], by_hand, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_editing_a_head_result_equals_the_same_edit_of_z(family):
+    model, _, _ = get(family)
+    tower = towers(family)[-1]  # text / lm: the tower closest to the output
+    vision = "vision"
+    for t in (tower, vision):
+        n_heads = Tower(model, t).n_heads
+
+        def zero_result(x, hook):
+            x = x.clone()
+            x[..., 1, :] = 0
+            x[..., 0, :] *= 2
+            return x
+
+        result_hook = (f"{t}.blocks.0.attn.hook_result", zero_result)
+        z_hook = (f"{t}.blocks.0.attn.hook_z", zero_result)
+        assert n_heads > 1
+        with model.hooks([result_hook]):
+            by_result = _first(_run(model, family))
+        with model.hooks([z_hook]):
+            by_z = _first(_run(model, family))
+        plain = _first(_run(model, family))
+        assert not torch.allclose(by_z, plain, atol=1e-4), f"the edit of {t} head 1 changed nothing"
+        torch.testing.assert_close(by_result, by_z, atol=ATOL, rtol=0)
+
+
+def test_head_results_cost_nothing_when_idle(hook_registrations):
+    model, _, _ = get("clip")
+    _run(model, "clip")
+    assert hook_registrations.calls == []
+    with torch.no_grad():
+        _, cache = model.run_with_cache(_inputs("clip")[0], names_filter="vision.blocks.0.hook_attn_out")
+    assert not [c for c in hook_registrations.calls if c[1] == "Linear"], "hook_result was installed unasked"
+
+
+# ---- step 2: the TransformerLens cache methods -------------------------------------------------------------------
+
+
+def _final(cache, tower):
+    t = Tower(cache.model, tower)
+    return cache[f"{tower}.blocks.{t.n_layers - 1}.hook_resid_post"]
+
+
+@pytest.mark.parametrize("family,tower", CASES)
+def test_full_decomposition_sums_to_the_final_residual(family, tower):
+    _, _, cache = get(family)
+    stack, labels = cache.get_full_resid_decomposition(tower=tower, return_labels=True)
+    t = Tower(cache.model, tower)
+    assert len(labels) == stack.shape[0] == t.n_layers * t.n_heads + t.n_layers + 2
+    assert labels[0] == "L0H0" and labels[-2:] == ["embed", "bias"] and f"{t.n_layers - 1}_mlp_out" in labels
+    torch.testing.assert_close(stack.sum(0), _final(cache, tower), atol=ATOL, rtol=0)
+    # and at an intermediate layer: the residual entering block 1 (resid_mid with mlp_input)
+    torch.testing.assert_close(
+        cache.get_full_resid_decomposition(1, tower=tower).sum(0), cache[f"{tower}.blocks.1.hook_resid_pre"], atol=ATOL, rtol=0
+    )
+    torch.testing.assert_close(
+        cache.get_full_resid_decomposition(1, mlp_input=True, tower=tower).sum(0),
+        cache[f"{tower}.blocks.1.hook_resid_mid"], atol=ATOL, rtol=0,
+    )
+    torch.testing.assert_close(cache.decompose_resid(tower=tower).sum(0), _final(cache, tower), atol=ATOL, rtol=0)
+
+
+#: the hook holding the output of each tower's final norm, and how its positions line up with the residual stream
+NORMED = {
+    ("clip", "vision"): ("vision.hook_out", 0),
+    ("clip", "text"): ("text.ln_final.hook_normalized", None),
+    ("open_clip", "vision"): ("vision.hook_out", 0),
+    ("open_clip", "text"): ("text.ln_final.hook_normalized", None),
+    ("llava_onevision", "lm"): ("lm.ln_final.hook_normalized", None),
+    ("qwen2_vl", "vision"): ("projector.ln.hook_normalized", None),
+    ("qwen2_vl", "lm"): ("lm.ln_final.hook_normalized", None),
+}
+
+
+@pytest.mark.parametrize("family,tower", list(NORMED))
+def test_apply_ln_to_stack_of_the_whole_sum_is_the_models_normed_output(family, tower):
+    _, _, cache = get(family)
+    hook, position = NORMED[(family, tower)]
+    stack = cache.get_full_resid_decomposition(tower=tower, pos_slice=position)
+    normed = cache.apply_ln_to_stack(stack, pos_slice=position, tower=tower)
+    norm = Tower(cache.model, tower).final_norm()
+    total = normed.sum(0) + (0 if norm.bias is None else norm.bias)
+    torch.testing.assert_close(total, cache[hook], atol=ATOL, rtol=0)
+    # apply_ln=True is the same map
+    torch.testing.assert_close(
+        cache.get_full_resid_decomposition(tower=tower, pos_slice=position, apply_ln=True), normed, atol=1e-6, rtol=0
+    )
+
+
+def test_a_tower_without_final_norm_says_so():
+    _, _, cache = get("llava_onevision")
+    stack = cache.decompose_resid(tower="vision")
+    with pytest.raises(ValueError, match="no final norm"):
+        cache.apply_ln_to_stack(stack, tower="vision")
+    # block norms still apply (the scale read from the cached resid_pre)
+    normed = cache.apply_ln_to_stack(cache.decompose_resid(1, tower="vision"), 1, tower="vision")
+    ln1 = Tower(cache.model, "vision").block_norm(1, False).module
+    torch.testing.assert_close(normed.sum(0) + ln1.bias, cache["vision.blocks.1.ln1.hook_normalized"], atol=ATOL, rtol=0)
+
+
+def test_main_tower_is_the_default():
+    assert Tower(get("clip")[0]).name == "vision"
+    assert Tower(get("llava_onevision")[0]).name == "lm"
+    _, _, cache = get("llava_onevision")
+    torch.testing.assert_close(cache.decompose_resid(), cache.decompose_resid(tower="lm"))
+    with pytest.raises(ValueError, match="tower='audio'"):
+        cache.decompose_resid(tower="audio")
+
+
+def test_act_name():
+    assert act_name("resid_post", 3, tower="vision") == "vision.blocks.3.hook_resid_post"
+    assert act_name("z5", tower="lm") == "lm.blocks.5.attn.hook_z"
+    assert act_name("result", 0, tower="text") == "text.blocks.0.attn.hook_result"
+    assert act_name("normalized", 1, "ln2", tower="lm") == "lm.blocks.1.ln2.hook_normalized"
+    assert act_name("embed", tower="vision") == "vision.hook_embed"
+    assert act_name("vision.blocks.0.hook_resid_pre") == "vision.blocks.0.hook_resid_pre"
+    model, _, cache = get("clip")
+    for name in (act_name("resid_post", 1, tower="vision"), act_name("attn", 0, tower="text"), act_name("result", 1, tower="vision")):
+        assert name in model.hook_dict
+    with pytest.raises(ValueError, match="tower="):
+        act_name("resid_pre", 0)
+
+
+# ---- TransformerLens's own cache tests (tests/unit/test_activation_cache.py), ported to a VLM's LM -------------
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model, _, cache = get("llava_onevision")
+    return model, cache
+
+
+def test_accumulated_resid_on_last_layer_variants(lm):
+    model, cache = lm
+    n = Tower(model).n_layers
+    accumulated = cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=-1)
+    assert torch.equal(accumulated, cache.accumulated_resid(layer=n, incl_mid=True, pos_slice=-1))
+    assert torch.equal(accumulated, cache.accumulated_resid(layer=None, incl_mid=True, pos_slice=-1))
+
+
+def test_accumulated_resid_without_mid(lm):
+    _, cache = lm
+    accumulated, labels = cache.accumulated_resid(layer=-1, incl_mid=False, pos_slice=-1, return_labels=True)
+    assert len(labels) == accumulated.size(0)
+    assert all("mid" not in label for label in labels)
+
+
+def test_accumulated_resid_labels_and_values(lm):
+    model, cache = lm
+    n = Tower(model).n_layers
+    stack, labels = cache.accumulated_resid(incl_mid=True, return_labels=True)
+    expected = [x for i in range(n) for x in (f"{i}_pre", f"{i}_mid")] + ["final_post"]
+    assert labels == expected
+    torch.testing.assert_close(stack[1], cache["lm.blocks.0.hook_resid_mid"])
+    torch.testing.assert_close(stack[-1], cache[f"lm.blocks.{n - 1}.hook_resid_post"])
+    # layer=1: resid_pre of layers 0 and 1 (the input to layer 1 is included); mlp_input adds layer 1's resid_mid
+    assert cache.accumulated_resid(1, return_labels=True)[1] == ["0_pre", "1_pre"]
+    assert cache.accumulated_resid(1, mlp_input=True, return_labels=True)[1] == ["0_pre", "1_pre", "1_mid"]
+
+
+def test_accumulated_resid_with_apply_ln(lm):
+    """As TransformerLens 3.9: at the final layer each state goes through ln_final with its own statistics."""
+    model, cache = lm
+    accumulated = cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=-1)
+    scaled, labels = cache.accumulated_resid(layer=None, incl_mid=True, pos_slice=-1, apply_ln=True, return_labels=True)
+    norm = model.raw_model.get_submodule(model.hook_dict["lm.ln_final.hook_normalized"].tap.module)
+    torch.testing.assert_close(scaled, norm(accumulated), atol=1e-6, rtol=0)
+    torch.testing.assert_close(scaled[-1], cache["lm.ln_final.hook_normalized"][:, -1], atol=ATOL, rtol=0)
+    # at an intermediate layer, the cached scale of that block's ln1
+    mid = cache.accumulated_resid(layer=1, pos_slice=-1)
+    torch.testing.assert_close(
+        cache.accumulated_resid(layer=1, pos_slice=-1, apply_ln=True), cache.apply_ln_to_stack(mid, 1, pos_slice=-1)
+    )
+
+
+def test_decompose_resid_with_apply_ln(lm):
+    _, cache = lm
+    per_layer = cache.decompose_resid(layer=-1, pos_slice=-1)
+    reference = cache.apply_ln_to_stack(per_layer, layer=-1, pos_slice=-1)
+    from transformer_lens.utils import Slice
+
+    torch.testing.assert_close(cache.decompose_resid(layer=None, pos_slice=Slice(-1), apply_ln=True), reference)
+
+
+def test_decompose_resid_including_attention(lm):
+    model, cache = lm
+    n = Tower(model).n_layers
+    reference = torch.stack([cache[f"lm.blocks.{i}.hook_attn_out"][:, -1] for i in range(2)])
+    stack = cache.decompose_resid(layer=1, pos_slice=-1, mlp_input=True, incl_embeds=False, mode="attn")
+    assert n >= 2
+    torch.testing.assert_close(stack, reference)
+
+
+def test_stack_head_results_with_apply_ln(lm):
+    _, cache = lm
+    per_head = cache.stack_head_results(layer=-1, pos_slice=-1)
+    reference = cache.apply_ln_to_stack(per_head, layer=None, pos_slice=-1)
+    torch.testing.assert_close(cache.stack_head_results(layer=-1, pos_slice=-1, apply_ln=True), reference)
+
+
+def test_stack_head_results_including_remainder(lm):
+    model, cache = lm
+    n_heads = Tower(model).n_heads
+    resid_post = cache["lm.blocks.0.hook_resid_post"][:, -1]
+    per_head, labels = cache.stack_head_results(layer=1, pos_slice=-1, incl_remainder=True, return_labels=True)
+    torch.testing.assert_close(resid_post - per_head[:-1].sum(0), per_head[-1])
+    assert labels[:-1] == [f"L0H{i}" for i in range(n_heads)] and labels[-1] == "remainder"
+    final = cache[f"lm.blocks.{Tower(model).n_layers - 1}.hook_resid_post"][:, -1]
+    per_head, labels = cache.stack_head_results(layer=0, pos_slice=-1, incl_remainder=True, return_labels=True)
+    torch.testing.assert_close(per_head, final[None])
+    assert labels == ["remainder"]
+    per_head, labels = cache.stack_head_results(layer=0, pos_slice=-1, incl_remainder=False, return_labels=True)
+    assert per_head.shape[0] == 0 and labels == []
+
+
+def test_logit_attrs_works_for_all_input_shapes(lm):
+    model, cache = lm
+    w_u = model.raw_model.get_output_embeddings().weight
+    answers = torch.tensor([[5, 7]])
+    accumulated = cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=-1)
+    scaled = cache.apply_ln_to_stack(accumulated, layer=-1, pos_slice=-1)
+    direction = w_u[answers[:, 0]] - w_u[answers[:, 1]]
+    reference = (scaled * direction).sum(-1)
+    torch.testing.assert_close(cache.logit_attrs(accumulated, answers[:, 0], answers[:, 1], pos_slice=-1), reference)
+    torch.testing.assert_close(
+        cache.logit_attrs(accumulated, 5, 7, pos_slice=-1, batch_slice=-1), reference[:, -1]
+    )
+    torch.testing.assert_close(
+        cache.logit_attrs(accumulated[:, -1], 5, 7, pos_slice=-1, batch_slice=-1, has_batch_dim=False), reference[:, -1]
+    )
+    with pytest.raises(ValueError):
+        cache.logit_attrs(accumulated, answers[:, 0], answers[0], pos_slice=-1)
+
+
+def test_logit_attrs_of_the_full_decomposition_sum_to_the_logit_difference(lm):
+    model, cache = lm
+    _, output, _ = get("llava_onevision")
+    stack = cache.get_full_resid_decomposition(pos_slice=-1)
+    attrs = cache.logit_attrs(stack, 5, 7, pos_slice=-1)
+    torch.testing.assert_close(attrs.sum(0), output[:, -1, 5] - output[:, -1, 7], atol=ATOL, rtol=0)
+
+
+def test_remove_batch_dim():
+    model, _, _ = get("qwen2_vl")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(sample_image(32, 32), prompt=PROMPT, names_filter=_needed, stop_early=False)
+    assert cache.has_batch_dim
+    before = {k: v.shape for k, v in cache.cache_dict.items()}
+    cache.remove_batch_dim()
+    assert not cache.has_batch_dim
+    assert all(before[k][1:] == cache.cache_dict[k].shape for k in before)
+    cache.remove_batch_dim()  # a second time changes nothing
+    assert all(before[k][1:] == cache.cache_dict[k].shape for k in before)
+
+
+def test_remove_batch_dim_fails_if_batch_gt_1():
+    _, _, cache = get("clip")
+    with pytest.raises(AssertionError):
+        cache.remove_batch_dim()
+    assert cache.has_batch_dim
+
+
+def test_apply_slice_to_batch_dim():
+    _, _, cache = get("clip")
+    name = "vision.blocks.0.hook_resid_pre"
+    one = cache.apply_slice_to_batch_dim(1)
+    assert not one.has_batch_dim and torch.equal(one[name], cache[name][1])
+    kept = cache.apply_slice_to_batch_dim([1])
+    assert kept.has_batch_dim and torch.equal(kept[name], cache[name][1:])
+    # a sliced cache still decomposes
+    torch.testing.assert_close(
+        kept.get_full_resid_decomposition().sum(0), kept["vision.blocks.1.hook_resid_post"], atol=ATOL, rtol=0
+    )
+    with pytest.raises(AssertionError):
+        one.apply_slice_to_batch_dim(0)
