@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     image = image if isinstance(image, Image.Image) else Image.fromarray(image)
     second = half_and_half_image(448, 224)  # a second image: the vision tower packs both into one sequence
     print(model)
-    check(model.adapter.family == "qwen2_vl", f"load: {args.model} → {type(raw).__name__}")
+    check(model.adapter.family in ("qwen2_vl", "qwen2_5_vl"), f"load: {args.model} → {type(raw).__name__}")
 
     # 2. Hookable layers.
     names = model.hook_names()
@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
               for i, s in blocks.items()}  # fmt: skip
     errors |= {f"lm.blocks.{i}.hook_resid_post": relative_error(cache[f"lm.blocks.{i}.hook_resid_post"], s)
                for i, s in enumerate(out_hf.hidden_states[1:-1])}  # the last HF state is after the final norm  # fmt: skip
-    errors["projector.hook_out"] = relative_error(cache["projector.hook_out"][0], torch.cat(features.pooler_output))
+    merged = cache["projector.hook_out"][0]
+    if getattr(layout, "window_index", None) is not None:  # Qwen2.5-VL: the merger runs in window order
+        merged = merged[torch.argsort(layout.window_index)]
+    errors["projector.hook_out"] = relative_error(merged, torch.cat(features.pooler_output))
     errors["logits"] = relative_error(logits, out_hf.logits)
     for name, error in errors.items():
         print(f"  {name}: max |ours − HF| / max |HF| = {error:.1e}")
