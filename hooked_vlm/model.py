@@ -22,7 +22,18 @@ from hooked_vlm.cache import ActivationCache, HostCopies, Slicer, stash
 from hooked_vlm.head_results import with_head_results
 from hooked_vlm.layout import Selector
 from hooked_vlm.sae.splice import SAEHooksMixin
-from hooked_vlm.taps import BoundHookPoint, InputTap, Observer, OutputTap, Run, StopForward, install_taps, remove_all
+from hooked_vlm.taps import (
+    BoundHookPoint,
+    InputTap,
+    Observer,
+    OutputTap,
+    Run,
+    RunGuard,
+    StopForward,
+    guard_for,
+    install_taps,
+    remove_all,
+)
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
@@ -116,8 +127,9 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
     ) -> HookedVLM:
         """Load a checkpoint and its own processor, picking the adapter from the checkpoint's config.
 
-        ``name_or_path`` is a Hugging Face hub id or local folder, or ``open_clip:ARCH/PRETRAINED``. The default
-        device is CUDA; without CUDA pass ``device="cpu"``.
+        ``name_or_path`` is a Hugging Face hub id or local folder, ``open_clip:ARCH/PRETRAINED``, ``tiny:NAME`` (a
+        tiny random-weight model, offline) or ``config:NAME`` (a shipped config on the meta device); see
+        :mod:`hooked_vlm.loading`. The default device is CUDA; without CUDA pass ``device="cpu"``.
 
         Several GPUs: pass ``device_map`` (``"auto"``: even over the visible GPUs; ``"sequential"``;
         ``"balanced_low_0"``; or a dict module path → device), with ``max_memory`` (``{0: "40GiB", 1: "40GiB"}``)
@@ -128,25 +140,13 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         (steering, patching, SAEs, ablation) move what they add to that device. ``run_with_cache(device=...)``
         gathers a cache on one device or the CPU.
         """
-        _ensure_adapters_loaded()
+        from hooked_vlm.loading import load_adapter
+
         explicit = device is not _UNSET
         device = device if explicit else "cuda"
-        if "device_map" not in hf_kwargs:
+        if "device_map" not in hf_kwargs and not name_or_path.startswith("config:"):
             check_device(device, explicit)
-        adapter = next((a for a in ADAPTERS if a.matches_name(name_or_path)), None)
-        if adapter is None:  # a hub id or a folder: the checkpoint's config names its family
-            config = _load_config(name_or_path, hf_kwargs)
-            adapter = next((a for a in ADAPTERS if a.matches_config(config)), None)
-            if adapter is None:
-                raise ValueError(
-                    f"{name_or_path!r} is a {getattr(config, 'model_type', '?')!r} checkpoint "
-                    f"({getattr(config, 'architectures', None)}), which no hooked_vlm adapter supports; "
-                    f"supported families: {', '.join(sorted({a.family for a in ADAPTERS}))}"
-                )
-        model, processor = adapter.load(
-            name_or_path, device=device, dtype=dtype, attn_implementation=attn_implementation, **hf_kwargs
-        )
-        return cls(adapter(model, processor))
+        return cls(load_adapter(name_or_path, device=device, dtype=dtype, attn_implementation=attn_implementation, **hf_kwargs))
 
     # ---- the hook-name tree ---------------------------------------------------------------------------------------
     def _new_hook_point(self, tap) -> BoundHookPoint:
@@ -253,8 +253,31 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
 
     # ---- hooks: lazy resolution of names for every TransformerLens entry point -------------------------------------
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
-        for hp in self.resolve_names(name if callable(name) else [name]):
-            self.check_and_add_hook(hp, hp.name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+        with self._run_guard.held():  # a hook added from another thread would fire in the run in progress
+            for hp in self.resolve_names(name if callable(name) else [name]):
+                self.check_and_add_hook(
+                    hp, hp.name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend
+                )
+
+    @contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False):
+        """TransformerLens's ``hooks`` context, held by one thread: another thread's run on this model raises
+        :class:`~hooked_vlm.taps.ConcurrentRunError` instead of adding its hooks to this one's."""
+        with self._run_guard.held(), super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts) as m:
+            yield m
+
+    @contextmanager
+    def saes(self, *args, **kwargs):
+        with self._run_guard.held(), super().saes(*args, **kwargs) as m:
+            yield m
+
+    def add_sae(self, *args, **kwargs) -> None:
+        with self._run_guard.held():
+            return super().add_sae(*args, **kwargs)
+
+    def reset_saes(self, *args, **kwargs) -> None:
+        with self._run_guard.held():
+            return super().reset_saes(*args, **kwargs)
 
     def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None) -> None:
         # TransformerLens visits every hook point (~1000 on a VLM) at the end of every run_with_cache /
@@ -302,14 +325,20 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         finally:
             remove_all(handles)
 
+    @property
+    def _run_guard(self) -> RunGuard:
+        """One thread at a time runs the wrapped model (shared with any other HookedVLM around it)."""
+        return guard_for(self.adapter.model)
+
     @contextmanager
     def _running(self, prepared: Prepared):
-        """Expose ``prepared`` as :attr:`current_inputs` while a run is in progress."""
-        outer, self.current_inputs = self.current_inputs, prepared
-        try:
-            yield
-        finally:
-            self.current_inputs = outer
+        """Expose ``prepared`` as :attr:`current_inputs` while a run is in progress, in one thread at a time."""
+        with self._run_guard.held():
+            outer, self.current_inputs = self.current_inputs, prepared
+            try:
+                yield
+            finally:
+                self.current_inputs = outer
 
     def _execute(
         self, prepared: Prepared, stop_early: bool, observers: dict[BoundHookPoint, Observer] | None = None
@@ -431,17 +460,3 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
 def _glob(pattern: str) -> Callable[[str], Any]:
     """A compiled matcher for a glob pattern (``fnmatchcase`` recompiles per name: slow over ~1000 hook names)."""
     return re.compile(fnmatch.translate(pattern)).match
-
-
-def _load_config(name_or_path: str, hf_kwargs: dict[str, Any]):
-    from transformers import AutoConfig
-
-    config_kwargs = {k: hf_kwargs[k] for k in ("revision", "token", "trust_remote_code", "cache_dir") if k in hf_kwargs}
-    try:
-        return AutoConfig.from_pretrained(name_or_path, **config_kwargs)
-    except Exception as error:  # offline, unknown repo, bad folder: say what was tried
-        raise OSError(
-            f"could not load {name_or_path!r}: tried transformers.AutoConfig.from_pretrained({name_or_path!r}) "
-            f"(a Hugging Face hub id or a local folder with config.json) and the open_clip scheme "
-            f"'open_clip:ARCH/PRETRAINED'. Underlying error: {type(error).__name__}: {error}"
-        ) from error

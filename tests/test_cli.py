@@ -216,3 +216,45 @@ def test_phase0_example_runs_end_to_end(tmp_path):
     assert "✓ hook test" in checklist
     for png in ("flow.png", "cls_attention.png", "patch_norm.png", "cls_attention_heads.png"):
         assert (tmp_path / png).stat().st_size > 5000
+
+
+# ---- loading and a quick --help -----------------------------------------------------------------------------------
+
+
+def test_the_cli_module_imports_nothing_heavy():
+    # `hooked-vlm --help` waited ~20 s for torch, transformers and matplotlib before argparse ran
+    code = (
+        "import sys, hooked_vlm.cli, hooked_vlm.loading; from hooked_vlm.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'transformers', 'matplotlib', 'PIL', 'transformer_lens', 'sae_lens') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"
+
+
+def test_from_pretrained_takes_the_specs_the_cli_takes():
+    from hooked_vlm.loading import DEFAULT_MODEL
+
+    model = HookedVLM.from_pretrained("tiny:clip", device="cpu")
+    reference = HookedVLM.from_hf(*TINY_MODELS["clip"]())
+    assert DEFAULT_MODEL == "tiny:clip"
+    assert model.hook_names() == reference.hook_names()
+    # the tiny factories are seeded: the same weights as building the model by hand
+    for (name, p), (_, q) in zip(model.raw_model.named_parameters(), reference.raw_model.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    meta = HookedVLM.from_pretrained("config:openai/clip-vit-large-patch14")  # no CUDA needed: it lives on meta
+    assert next(meta.raw_model.parameters()).is_meta
+    assert len(meta.hook_names("vision.blocks.*.hook_resid_post")) == 24
+    with pytest.raises(ValueError, match="unknown tiny model 'tiny:nope'; available: tiny:clip"):
+        HookedVLM.from_pretrained("tiny:nope", device="cpu")
+    with pytest.raises(TypeError, match="takes no loading options"):
+        HookedVLM.from_pretrained("tiny:clip", device="cpu", revision="main")
+    with pytest.raises(FileNotFoundError, match="model folder not found: ./no/such/folder"):
+        HookedVLM.from_pretrained("./no/such/folder", device="cpu")
+
+
+def test_old_cli_names_still_import():
+    from hooked_vlm import cli, report
+
+    assert cli.record_shapes is report.record_shapes and cli.hook_rows is report.hook_rows
+    assert cli.DTYPES["bfloat16"] is torch.bfloat16 and sorted(cli.DTYPES) == ["bfloat16", "float16", "float32"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -27,9 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from hooked_vlm.cli import DTYPES, CLIError, load_model
-from hooked_vlm.testing import sample_image
-
-DEFAULT_MODEL = "tiny:clip"
+from hooked_vlm.loading import DEFAULT_MODEL
 
 
 def _images(args: argparse.Namespace) -> Any:
@@ -39,6 +38,8 @@ def _images(args: argparse.Namespace) -> Any:
         return load_from_disk(args.dataset)
     if args.images:
         return args.images
+    from hooked_vlm.testing import sample_image  # here: importing it imports torch, and --help must be quick
+
     return [sample_image(width=64 + 16 * (i % 4), height=64 + 8 * (i % 3), seed=i) for i in range(args.n_sample_images)]
 
 
@@ -83,14 +84,21 @@ def cmd_harvest(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from hooked_vlm.sae.distributed import torchrun_group
+    from hooked_vlm.sae.pipeline import default_workers
     from hooked_vlm.sae.store import harvest_to_store
 
+    if args.workers is None:
+        args.workers = default_workers()
+        if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun: the node's cores are shared by its ranks
+            args.workers = max(0, args.workers // int(os.environ["LOCAL_WORLD_SIZE"]))
+    if args.workers < 0:
+        raise CLIError(f"--workers {args.workers}: give 0 (load in one thread) or more")
     with torchrun_group(args.device) as device:  # under torchrun: this rank's GPU, in a process group
         store = harvest_to_store(
             _model(args, device), _images(args), args.hook, args.out, positions=_positions(args.positions),
             prompt=args.prompt, batch_size=args.batch_size,
             dtype=DTYPES[args.store_dtype] if args.store_dtype else None, shard_mb=args.shard_mb,
-            overwrite=args.overwrite, compiled=args.compiled,
+            overwrite=args.overwrite, compiled=args.compiled, workers=args.workers,
         )
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(store)
@@ -170,6 +178,9 @@ def add_commands(commands: Any) -> None:
     harvest.add_argument("--shard-mb", type=float, default=256.0, help="shard size in MB (default: %(default)s)")
     harvest.add_argument("--overwrite", action="store_true", help="start a store of other settings over")
     harvest.add_argument("--compiled", action="store_true", help="torch.compile the truncated tower (CLIP, GPU)")
+    harvest.add_argument("--workers", type=int, default=None,
+                         help="processes that decode and prepare images (0: one thread; default: every core but one, "
+                              "at most 32)")
     harvest.set_defaults(run=cmd_harvest)
 
     train = commands.add_parser("train-sae", help="train an SAE (sae_lens) on a store or a live model")

@@ -257,7 +257,8 @@ def _compiled_tower(model: HookedVLM, names: list[str], compiled: bool | dict[st
 
 
 def _prepared_batches(
-    model: HookedVLM, source: ImageSource, prompt: str | None, bounds: list[tuple[int, int]], prefetch: bool
+    model: HookedVLM, source: ImageSource, prompt: str | None, bounds: list[tuple[int, int]], prefetch: bool,
+    workers: int = 0,
 ) -> Iterator[Prepared]:
     """The prepared model inputs of images ``first:last`` for each ``(first, last)`` of ``bounds``, in order.
 
@@ -270,6 +271,11 @@ def _prepared_batches(
     def prepare(bound: tuple[int, int]) -> Prepared:
         return model.prepare_inputs(**model_inputs(model, source.load(*bound), prompt))
 
+    if workers:
+        from hooked_vlm.sae.pipeline import loaded_batches
+
+        yield from loaded_batches(model, source, prompt, bounds, workers)
+        return
     if not prefetch:
         yield from map(prepare, bounds)
         return
@@ -294,10 +300,10 @@ def _prepared_batches(
 def _forwards(
     model: HookedVLM, source: ImageSource, names: list[str], positions: Positions, prompt: str | None,
     batch_size: int, start: int, stop: int, device: Any, dtype: torch.dtype | None, tower: Any, progress: bool,
-    prefetch: bool,
+    prefetch: bool, workers: int = 0,
 ) -> Iterator[HarvestBatch]:
     bounds = [(first, min(first + batch_size, stop)) for first in range(start, stop, batch_size)]
-    batches = _prepared_batches(model, source, prompt, bounds, prefetch)
+    batches = _prepared_batches(model, source, prompt, bounds, prefetch, workers)
     with tqdm(total=stop - start, desc="harvest", unit="img", disable=not progress) as bar, closing(batches):
         for (first, last), prepared in zip(bounds, batches, strict=True):
             with torch.no_grad():
@@ -328,6 +334,7 @@ def harvest(
     compiled: bool | dict[str, Any] = False,
     progress: bool = True,
     prefetch: bool = True,
+    workers: int = 0,
 ) -> Iterator[HarvestBatch]:
     """One :class:`HarvestBatch` per forward over ``batch_size`` images of ``images`` (from ``start`` to ``stop``).
 
@@ -344,13 +351,17 @@ def harvest(
     ``prefetch`` loads and prepares the next batch in a worker thread while the current forward runs (the rows
     are the same either way); the image source is then read from that thread, which lists, folders and datasets
     allow. Turn it off for a source that must be read from the calling thread.
+
+    ``workers`` > 0 loads and prepares batches in that many forked worker processes instead
+    (:mod:`hooked_vlm.sae.pipeline`; :func:`~hooked_vlm.sae.pipeline.default_workers` is every core but one):
+    the same rows, provenance and order, for when one thread cannot keep up with the GPU.
     """
     names = check_hooks(model, [hook_names] if isinstance(hook_names, str) else hook_names, positions)
     source = image_source(images)
     stop = len(source) if stop is None else min(stop, len(source))
     with _compiled_tower(model, names, compiled) as tower:
         yield from _forwards(model, source, names, positions, prompt, batch_size, start, stop, device, dtype, tower,
-                             progress, prefetch)
+                             progress, prefetch, workers)
 
 
 def activation_stream(
@@ -367,20 +378,22 @@ def activation_stream(
     loop: bool = True,
     progress: bool = True,
     prefetch: bool = True,
+    workers: int = 0,
 ) -> Iterator[Tensor] | Iterator[dict[str, Tensor]]:
     """Activation rows for training: ``[n, d]`` per forward for one hook, ``{hook: [n, d]}`` for several.
 
     With ``loop`` the images are gone through again and again (sae_lens trainers call ``next`` until they have
     seen their number of samples). Rows come in image order: shuffle them with a mixing buffer
     (:func:`sae_lens.training.mixing_buffer.mixing_buffer`), as :func:`~hooked_vlm.sae.train_sae` does.
-    ``compiled``: as for :func:`harvest` (compiled once for all passes); ``prefetch``: as for :func:`harvest`.
+    ``compiled``: as for :func:`harvest` (compiled once for all passes); ``prefetch``, ``workers``: as for
+    :func:`harvest`.
     """
     names = check_hooks(model, [hook_names] if isinstance(hook_names, str) else hook_names, positions)
     source = image_source(images)
     with _compiled_tower(model, names, compiled) as tower:
         for epoch in itertools.count():
             for batch in _forwards(model, source, names, positions, prompt, batch_size, 0, len(source), device, dtype,
-                                   tower, progress and epoch == 0, prefetch):
+                                   tower, progress and epoch == 0, prefetch, workers):
                 yield batch.acts[names[0]] if isinstance(hook_names, str) else batch.acts
             if not loop:
                 return

@@ -424,14 +424,15 @@ def harvest_to_store(
     rank: int | None = None,
     world_size: int | None = None,
     prefetch: bool = True,
+    workers: int = 0,
 ) -> ActivationStore:
     """Harvest ``images`` into a store at ``path``, resuming a store that was interrupted.
 
     ``dtype`` (default: the model's) is what rows are stored in; rows are bit-exact copies of the activations
     when it is the model's. Shards are cut after about ``shard_mb`` megabytes (all hooks together). A folder
     holding a store of other settings raises :class:`StoreMismatchError` unless ``overwrite``, which starts over.
-    ``model_name`` is recorded in the manifest (default: the checkpoint's name). ``compiled`` and ``prefetch``: as
-    for :func:`~hooked_vlm.sae.harvest`.
+    ``model_name`` is recorded in the manifest (default: the checkpoint's name). ``compiled``, ``prefetch`` and
+    ``workers`` (loading processes): as for :func:`~hooked_vlm.sae.harvest`.
 
     Data-parallel: in an initialised ``torch.distributed`` process group (``torchrun``), every rank harvests its
     run of images (:func:`~hooked_vlm.sae.distributed.rank_images`) into ``path/rank-R-of-W``, a resumable store
@@ -457,7 +458,7 @@ def harvest_to_store(
     }
     into = functools.partial(_harvest, model, source, names, positions=positions, prompt=prompt,
                              batch_size=batch_size, dtype=dtype, shard_mb=shard_mb, overwrite=overwrite,
-                             compiled=compiled, prefetch=prefetch)
+                             compiled=compiled, prefetch=prefetch, workers=workers)
     if (rank is None) != (world_size is None):
         raise ValueError("give both rank and world_size (a part of a data-parallel harvest), or neither")
     group = process_group_rank() if rank is None else None  # under torchrun: (rank, world_size)
@@ -489,7 +490,7 @@ def harvest_to_store(
 def _harvest(
     model: HookedVLM, source: ImageSource, names: list[str], path: Path, settings: dict[str, Any], *,
     positions: Positions, prompt: str | None, batch_size: int, dtype: torch.dtype, shard_mb: float, overwrite: bool,
-    compiled: bool | dict[str, Any], progress: bool, prefetch: bool,
+    compiled: bool | dict[str, Any], progress: bool, prefetch: bool, workers: int = 0,
 ) -> ActivationStore:
     """Harvest images ``settings["image_range"]`` of ``source`` into the store at ``path``, resuming it.
 
@@ -504,6 +505,8 @@ def _harvest(
         writing: Future | None = None
 
         def write(batches: list[Any]) -> None:
+            for batch in batches:
+                _finish_copy_to_host(batch)
             entry = _write_shard(path, len(manifest["shards"]), names, batches)
             manifest["shards"].append(entry)
             manifest["n_images_done"] = batches[-1].stop
@@ -520,8 +523,8 @@ def _harvest(
         # rows are selected on the model's device, and only they are copied to the CPU, not whole activations
         for batch in harvest(model, source, names, positions=positions, prompt=prompt, batch_size=batch_size,
                              start=manifest["n_images_done"], stop=settings["image_range"][1], dtype=dtype,
-                             compiled=compiled, progress=progress, prefetch=prefetch):
-            batch.acts = {hook: rows.cpu() for hook, rows in batch.acts.items()}
+                             compiled=compiled, progress=progress, prefetch=prefetch, workers=workers):
+            _start_copy_to_host(batch)
             pending.append(batch)
             pending_bytes += sum(a.numel() * a.element_size() for a in batch.acts.values())
             if pending_bytes >= shard_mb * 2**20:
@@ -531,6 +534,31 @@ def _harvest(
         if writing is not None:
             writing.result()
     return ActivationStore(path)
+
+
+def _start_copy_to_host(batch: Any) -> None:
+    """Start copying a batch's rows from the GPU into pinned host memory without waiting for it (the writer
+    thread waits, just before it writes them); rows already on the CPU stay as they are."""
+    on_gpu = [rows for rows in batch.acts.values() if rows.is_cuda]
+    if not on_gpu:
+        return
+    copies = {}
+    for hook, rows in batch.acts.items():
+        if rows.is_cuda:
+            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            host.copy_(rows, non_blocking=True)
+            rows = host
+        copies[hook] = rows
+    batch.copied = torch.cuda.Event()
+    batch.copied.record()  # on the current stream, after the copies
+    batch.acts = copies
+
+
+def _finish_copy_to_host(batch: Any) -> None:
+    copied = getattr(batch, "copied", None)
+    if copied is not None:
+        copied.synchronize()
+        batch.copied = None
 
 
 def _open_for_writing(path: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
