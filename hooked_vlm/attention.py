@@ -151,7 +151,11 @@ class AttentionFunctionTap(Tap):
         module = submodule(root, hook_points[0].tap.module)
         config = module.config
         if module in _captures:
-            raise RuntimeError(f"attention of {hook_points[0].tap.module!r} is already being captured")
+            # another thread is refused before it gets here (RunGuard): this is a run inside a run in one thread
+            raise RuntimeError(
+                f"attention of {hook_points[0].tap.module!r} is already being captured by the run in progress in "
+                "this thread (a hook that runs the model again with attention hooks); run it after that run instead"
+            )
         _captures[module] = _Capture(
             hook_points={hp.tap.kind: hp for hp in hook_points},
             run=run,

@@ -8,7 +8,10 @@ with no hooks attached runs exactly the stock forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +136,61 @@ class BoundHookPoint(HookPoint):
 Observer = Callable[[Tensor, "BoundHookPoint"], None]
 
 
+class ConcurrentRunError(RuntimeError):
+    """A second thread ran a model while a run on it was in progress (its taps would mix the two runs)."""
+
+
+PARALLEL_HINT = (
+    "a model runs one forward at a time; to run in parallel, give each thread its own model "
+    "(HookedVLM.from_pretrained / from_hf in each thread, or copy.deepcopy(model)) or batch the inputs into one call"
+)
+
+
+class RunGuard:
+    """Who is running a wrapped model: one thread at a time, re-entrant within it (a hook may run the model again).
+
+    Hooks, taps, splices and ``current_inputs`` are state of the model, shared by every thread: a second thread's
+    run would install its taps on the modules the first thread's forward goes through. One guard per wrapped
+    model (``guard_for``), so that two ``HookedVLM`` around one model exclude each other too.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+        self._depth = 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._lock:
+            if self.owner is not None and self.owner != me:
+                raise ConcurrentRunError(
+                    f"this model is in use by another thread ({self.owner}) right now; {PARALLEL_HINT}"
+                )
+            self.owner = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.owner = None
+
+
+_guards: weakref.WeakKeyDictionary[nn.Module, RunGuard] = weakref.WeakKeyDictionary()
+_guards_lock = threading.Lock()
+
+
+def guard_for(model: nn.Module) -> RunGuard:
+    """The one :class:`RunGuard` of a wrapped model."""
+    with _guards_lock:
+        guard = _guards.get(model)
+        if guard is None:
+            guard = _guards[model] = RunGuard()
+        return guard
+
+
 class Run:
     """State shared by the taps of one run: which hook points still have to fire before an early stop, and the
     run's observers (``run_with_cache``'s recorders), called with each value after the hook point's own hooks."""
@@ -142,9 +200,16 @@ class Run:
     ):
         self.pending = set(hook_points) if stop_early else None
         self.observers = observers or {}
+        self.thread = threading.get_ident()
 
     def fire(self, hp: BoundHookPoint, x: Tensor) -> Tensor:
         """Pass ``x`` through the hook point, check what the user hooks returned, and track completion."""
+        if threading.get_ident() != self.thread:
+            # another thread's forward (the raw model's, say) is going through this run's taps: it would run this
+            # run's hooks, and this run's cache would record it
+            raise ConcurrentRunError(
+                f"{hp.name!r} fired in a thread other than the one whose run installed it; {PARALLEL_HINT}"
+            )
         y = hp(x)
         if y is not x:
             if not isinstance(y, Tensor):

@@ -4,13 +4,14 @@ model, the dtype of what a hook returns, and arguments checked before the forwar
 from __future__ import annotations
 
 import functools
+import threading
 from collections import defaultdict
 
 import pytest
 import torch
 
-from hooked_vlm import HookedVLM
-from hooked_vlm.taps import HookDtypeError, HookShapeError, InputTap, OutputTap, ResidualSumTap, Run, install_taps, remove_all
+from hooked_vlm import HookedVLM, attention
+from hooked_vlm.taps import ConcurrentRunError, HookDtypeError, HookShapeError, InputTap, OutputTap, ResidualSumTap, Run, install_taps, remove_all
 from hooked_vlm.testing import TINY_MODELS, config_names, meta_model, sample_image
 
 VLMS = {"llava_onevision", "qwen2_vl", "qwen2_5_vl"}
@@ -137,3 +138,64 @@ def test_a_hook_returning_a_meta_tensor_is_an_error_naming_the_hook():
     name = "vision.blocks.1.hook_mlp_out"
     with pytest.raises(HookDtypeError, match=rf"{name}.*meta device"):
         model.run_with_hooks(sample_image(64, 64), fwd_hooks=[(name, lambda x, hook: torch.empty_like(x, device="meta"))])
+
+
+# ---- 3. two threads on one model -----------------------------------------------------------------------------------
+def test_two_threads_never_get_a_wrong_or_empty_cache():
+    model = HookedVLM.from_hf(*TINY_MODELS["clip"]())
+    names = ["vision.blocks.1.hook_resid_post", "vision.blocks.0.attn.hook_pattern"]
+    images = [sample_image(48, 40, seed=1), sample_image(64, 64, seed=9)]
+    refs = [model.run_with_cache(x, names_filter=names)[1] for x in images]
+    outcome = {"ok": 0, "wrong": 0, "refused": 0}
+
+    def work(i):
+        for _ in range(15):
+            try:
+                _, cache = model.run_with_cache(images[i], names_filter=names)
+            except ConcurrentRunError as error:
+                assert "own model" in str(error) and "batch" in str(error)
+                outcome["refused"] += 1
+                continue
+            same = set(cache.keys()) == set(names) and all(torch.equal(cache[n], refs[i][n]) for n in names)
+            outcome["ok" if same else "wrong"] += 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcome["wrong"] == 0 and outcome["ok"] > 0, outcome
+    assert model.current_inputs is None and not attention._captures
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.raw_model.modules())
+
+
+def test_a_run_in_progress_refuses_other_threads_plain_forwards_raw_forwards_and_hooks():
+    model = HookedVLM.from_hf(*TINY_MODELS["clip"]())
+    image = sample_image(64, 64, seed=2)
+    clean = model(image)
+    inside, release = threading.Event(), threading.Event()
+
+    def blocking_ablation(x, hook):
+        inside.set()
+        assert release.wait(30)
+        return torch.zeros_like(x)
+
+    name = "vision.blocks.0.hook_resid_post"
+    worker = threading.Thread(target=lambda: model.run_with_hooks(image, fwd_hooks=[(name, blocking_ablation)]))
+    worker.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(ConcurrentRunError, match="another thread"):
+            model(image)  # would otherwise run the other thread's ablation
+        with pytest.raises(ConcurrentRunError, match="another thread"):
+            model.run_with_cache(image, names_filter=name)
+        with pytest.raises(ConcurrentRunError, match="another thread"):
+            model.add_hook(name, lambda x, hook: x)
+        pixel_values = model.prepare_inputs(image).kwargs["pixel_values"]
+        with pytest.raises(ConcurrentRunError, match=rf"{name}.*other than the one"):
+            model.raw_model.get_image_features(pixel_values=pixel_values)
+    finally:
+        release.set()
+        worker.join()
+    assert model.current_inputs is None
+    torch.testing.assert_close(model(image), clean, rtol=0, atol=0)
