@@ -385,7 +385,7 @@ def logit_attrs(
     batch_slice: Any = None,
     has_batch_dim: bool = True,
     tower: str = "lm",
-) -> Float[Tensor, "n *batch_pos"]:
+) -> Float[Tensor, "n ..."]:
     """Each component's direct contribution to the logit of ``tokens`` (minus ``incorrect_tokens``'s): the stack
     through the final norm with the cached scale (:func:`apply_ln_to_stack`), dotted with the unembedding rows."""
     model = cache.model_or_raise()

@@ -370,3 +370,129 @@ def test_apply_slice_to_batch_dim():
     )
     with pytest.raises(AssertionError):
         one.apply_slice_to_batch_dim(0)
+
+
+# ---- step 3: direct attribution onto readouts -----------------------------------------------------------------------
+
+from torch import nn  # noqa: E402
+
+from hooked_vlm.attribution import attribute, attribution_names, direct_attribution  # noqa: E402
+from hooked_vlm.readouts import ClipSimilarity, LogitDiff, Probe  # noqa: E402
+
+_ATTRIBUTION_RUNS: dict = {}
+
+
+def attribution_run(family):
+    if family not in _ATTRIBUTION_RUNS:
+        model = get(family)[0]
+        inputs, kwargs = _inputs(family)
+        kwargs.pop("text", None)
+        tower = "vision" if family in ("clip", "open_clip") else "lm"
+        with torch.no_grad():
+            output, cache = model.run_with_cache(inputs, names_filter=attribution_names(tower), stop_early=False, **kwargs)
+        _ATTRIBUTION_RUNS[family] = model, output, cache
+    return _ATTRIBUTION_RUNS[family]
+
+
+def laion_probe(tmp_path, d_embed):
+    """A random LAION improved-aesthetic-predictor state dict, in the released format, loaded as it ships."""
+    torch.manual_seed(0)
+    sizes = [d_embed, 16, 8, 8, 4, 1]
+    state = {}
+    for index, (i, o) in zip((0, 2, 4, 6, 7), zip(sizes, sizes[1:], strict=False), strict=True):
+        state[f"layers.{index}.weight"], state[f"layers.{index}.bias"] = torch.randn(o, i) / i**0.5, torch.randn(o)
+    path = tmp_path / "aesthetic.pth"
+    torch.save(state, path)
+    return Probe.from_laion_aesthetic(path)
+
+
+@pytest.mark.parametrize("family", ["clip", "open_clip"])
+def test_clip_attributions_sum_to_the_readout_minus_its_bias(family, tmp_path):
+    model, output, cache = attribution_run(family)
+    texts = ClipSimilarity.from_texts(model, ["a photo of a cat", "sunset"], target=1)
+    probe = laion_probe(tmp_path, cache["hook_image_embeds"].shape[-1])
+    for readout, bias in ((texts, torch.zeros(2)), (probe, probe.bias.expand(2))):
+        a = attribute(cache, readout, output)
+        torch.testing.assert_close(a.value, readout(output, cache).float(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(a.bias, bias.float())
+        torch.testing.assert_close(a.values.sum(0), a.value - a.bias, atol=ATOL, rtol=0)
+        assert a.labels[-3:] == ["embed", "bias", "ln_bias"] and a.heads().shape == (2, 2, 4)
+        # each head's share by source position sums to the head's share
+        torch.testing.assert_close(a.by_source.sum(-1), a.heads(), atol=1e-6, rtol=0)
+        assert a.patch_map(batch=1).shape == (4, 4)
+        assert not a.values.requires_grad
+
+
+def test_clip_head_attribution_by_hand_from_hf_modules():
+    """CLS of head (1, 2) through post_layernorm and visual_projection onto a text direction, from HF modules."""
+    model, output, cache = attribution_run("clip")
+    raw = model.raw_model
+    text = torch.nn.functional.normalize(torch.randn(cache["hook_image_embeds"].shape[-1], generator=torch.Generator().manual_seed(1)), dim=0)
+    readout = ClipSimilarity(text[None])
+    a = attribute(cache, readout, output)
+    layer, head = 1, 2
+    attn = raw.vision_model.encoder.layers[layer].self_attn
+    store, handles = direct_hooks(raw, {
+        "z": (f"vision_model.encoder.layers.{layer}.self_attn.out_proj", "in"),
+        "final": ("vision_model.post_layernorm", "in"),
+    })
+    try:
+        with torch.no_grad():
+            inputs, _ = _inputs("clip")
+            image_embeds = raw.get_image_features(**model.prepare_inputs(inputs).kwargs).pooler_output
+    finally:
+        for h in handles:
+            h.remove()
+    cols = slice(head * attn.head_dim, (head + 1) * attn.head_dim)
+    with torch.no_grad():
+        r = store["z"][:, 0, cols] @ attn.out_proj.weight[:, cols].T  # the head's write at CLS
+        ln = raw.vision_model.post_layernorm
+        final = store["final"] if store["final"].dim() == 2 else store["final"][:, 0]
+        scale = (final.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
+        normed = (r - r.mean(-1, keepdim=True)) / scale * ln.weight
+        by_hand = raw.visual_projection(normed) @ text / image_embeds.norm(dim=-1)
+    torch.testing.assert_close(a.heads()[:, layer, head], by_hand, atol=1e-5, rtol=0)
+
+
+def test_non_linear_probe_attributes_its_first_linear_layer_and_says_so():
+    _, output, cache = attribution_run("clip")
+    d = cache["hook_image_embeds"].shape[-1]
+    torch.manual_seed(0)
+    probe = Probe("hook_image_embeds", nn.Sequential(nn.Linear(d, 8), nn.ReLU(), nn.Linear(8, 1)))
+    with pytest.raises(ValueError, match="unit="):
+        attribute(cache, probe, output)
+    a = attribute(cache, probe, output, unit=3)
+    assert "first linear layer" in a.note and "not the probe's output" in a.note
+    first = probe.module[0]
+    with torch.no_grad():
+        unit = first(cache["hook_image_embeds"])[:, 3]
+    torch.testing.assert_close(a.value, unit, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.values.sum(0), a.value - first.bias[3].detach(), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_logit_difference_attribution_to_lm_heads_and_image_tokens(family):
+    model, output, cache = attribution_run(family)
+    for readout in (LogitDiff(5, 7), LogitDiff(5, [7, 9, 11]), LogitDiff(5, [7, 9], reduce="mean")):
+        a = attribute(cache, readout, output)
+        if readout.incorrect.shape[1] == 1 or readout.reduce == "mean":
+            torch.testing.assert_close(a.value, readout(output).float(), atol=ATOL, rtol=0)
+        torch.testing.assert_close(a.values.sum(0), a.value - a.bias, atol=ATOL, rtol=0)
+        torch.testing.assert_close(a.by_source.sum(-1), a.heads(), atol=1e-5, rtol=0)
+    heat = a.patch_map()  # the image tokens of the LM sequence, as the image's grid
+    assert heat.dim() == 2 and heat.numel() > 1
+    # a raw direction: the logit of token 5 alone
+    w_u = model.raw_model.get_output_embeddings().weight
+    raw = direct_attribution(cache, w_u[5], tower="lm", position=-1)
+    torch.testing.assert_close(raw.values.sum(0), output[:, -1, 5].float(), atol=ATOL, rtol=0)
+
+
+def test_attribution_plots(tmp_path):
+    _, output, cache = attribution_run("clip")
+    a = attribute(cache, ClipSimilarity(torch.randn(1, cache["hook_image_embeds"].shape[-1])), output)
+    fig = a.plot_heads(tmp_path / "heads.png")
+    image = fig.axes[0].images[0]
+    assert image.cmap.name == "RdBu_r" and image.norm.vmin == -image.norm.vmax
+    fig = a.plot_patches(sample_image(seed=0), tmp_path / "patches.png", head=(1, 0))
+    assert len(fig.axes[0].images) == 1 and len(fig.axes[1].images) == 1  # heatmap beside the image, not over it
+    assert (tmp_path / "heads.png").stat().st_size > 0 and (tmp_path / "patches.png").stat().st_size > 0
