@@ -9,6 +9,13 @@ one tower up to its deepest requested block, so :class:`CompiledHarvest`
    them into the graph instead of meeting new hooks every call), and
 3. compiles the tower's forward once; each call returns the captured activations.
 
+It compiles once per input shape: a batch smaller than the first one (the short last batch of a harvest) is
+padded to the first one's size by repeating its last image, and the padding rows are dropped from what it
+returns, so the end of a harvest costs no recompile (``dynamic=False``: no shape-generic second graph either). The
+first call logs what compiling cost (``hooked_vlm.compiled`` logger, INFO; also :attr:`CompiledHarvest.compile_s`):
+compiled pays off once ``compile_s`` is made up by the per-batch saving, i.e. for long harvests, not for a few
+thousand images.
+
 Use it as a context manager: the model is truncated and tapped only inside the ``with`` block.
 
 >>> with CompiledHarvest(model, ["vision.blocks.22.hook_resid_post"]) as harvest:
@@ -18,7 +25,9 @@ Use it as a context manager: the model is truncated and tapped only inside the `
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,11 +35,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from hooked_vlm.adapter import Prepared
 from hooked_vlm.cache import Slicer
 from hooked_vlm.layout import Selector
 from hooked_vlm.taps import BoundHookPoint, Run, install_taps, remove_all
 
 _BLOCK = re.compile(r"^(?P<tower>[a-z_]+)\.blocks\.(?P<index>\d+)\.")
+_log = logging.getLogger(__name__)
 
 
 class CompiledHarvest:
@@ -53,7 +64,10 @@ class CompiledHarvest:
             raise ValueError(f"a compiled harvest reads one tower; these hooks span {sorted(towers)}")
         self.tower = towers.pop()
         self.keep = self._blocks_needed(model)
-        self.compile_kwargs = {"mode": "max-autotune-no-cudagraphs", **(compile_kwargs or {})}
+        self.compile_kwargs = {"mode": "max-autotune-no-cudagraphs", "dynamic": False, **(compile_kwargs or {})}
+        #: the batch size compiled for (the first call's), and the first call's seconds (compiling included)
+        self.batch: int | None = None
+        self.compile_s: float | None = None
         self._store: dict[str, Tensor] = {}
         self._handles: list = []
         self._restore: tuple[nn.Module, str, nn.Module] | None = None
@@ -106,6 +120,24 @@ class CompiledHarvest:
             self._restore = None
         self._compiled = None
 
+    def _padded(self, prepared: Any) -> tuple[Any, int | None]:
+        """``prepared`` padded to the compiled batch size (repeating the last image) and its own batch size, or
+        ``prepared`` and ``None`` when it needs no padding (or is no plain batch of images: every input tensor's
+        first axis the batch)."""
+        tensors = [v for v in prepared.kwargs.values() if isinstance(v, Tensor)]
+        sizes = {t.shape[0] for t in tensors if t.dim() > 0}
+        if len(sizes) != 1:
+            return prepared, None
+        n = sizes.pop()
+        if self.batch is None:
+            self.batch = n
+        if n >= self.batch:
+            return prepared, None
+        missing = self.batch - n
+        padded = {key: torch.cat([v, v[-1:].expand(missing, *v.shape[1:])]) if isinstance(v, Tensor) else v
+                  for key, v in prepared.kwargs.items()}
+        return Prepared(padded, lambda: prepared.layout), n
+
     def _capture(self, tensor: Tensor, hook: BoundHookPoint) -> None:
         self._store[hook.name] = tensor
 
@@ -116,9 +148,19 @@ class CompiledHarvest:
         if self._compiled is None:
             raise RuntimeError("use CompiledHarvest as a context manager: `with CompiledHarvest(...) as harvest:`")
         prepared = self.model.prepare_inputs(inputs, **kwargs)
+        run, n = self._padded(prepared)
         self._store.clear()  # the same dict every call: compiled code guards on the objects it writes to
-        self._compiled(prepared)
-        captured = dict(self._store)
+        first = self.compile_s is None
+        started = time.perf_counter()
+        self._compiled(run)
+        if first:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.compile_s = time.perf_counter() - started
+            _log.info("compiled harvest of %s (%s blocks, batch %s): first call %.1f s, compiling included; it pays "
+                      "off once the per-batch saving over eager has made that up", self.tower,
+                      "all" if self.keep is None else self.keep, self.batch, self.compile_s)
+        captured = dict(self._store) if n is None else {name: t[:n] for name, t in self._store.items()}
         if positions is None:
             return captured
         sliced = Slicer(prepared, positions, None)

@@ -74,3 +74,28 @@ def test_attention_backends_pick_the_kernel():
                          attention_backends=[SDPBackend.CUDNN_ATTENTION]) as harvest:
         with pytest.raises(RuntimeError, match="No viable backend"):  # no cuDNN kernel on the CPU
             harvest(images)
+
+
+def test_a_short_last_batch_is_padded_not_recompiled(caplog):
+    raw, processor = tiny_clip()
+    model = HookedVLM.from_hf(raw, processor)
+    images = [sample_image(seed=i) for i in range(3)]
+    with torch.no_grad():
+        _, reference = model.run_with_cache(images[:2], names_filter=NAMES)
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    with caplog.at_level("INFO", logger="hooked_vlm.compiled"):
+        with CompiledHarvest(model, NAMES, compile_kwargs={"backend": "eager", "mode": None}) as harvest:
+            harvest(images)  # compiled for batches of 3
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs > 0
+            short = harvest(images[:2])  # padded to 3: no new graph
+            patches = harvest(images[:1], positions="patches")
+            assert counters["stats"]["unique_graphs"] == graphs
+    assert harvest.batch == 3 and harvest.compile_s is not None and harvest.compile_s > 0
+    assert "first call" in caplog.text and "compiling included" in caplog.text
+    for name in NAMES:
+        assert short[name].shape[0] == 2
+        torch.testing.assert_close(short[name], reference[name], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(patches[NAMES[0]], reference[NAMES[0]][:1, 1:], atol=1e-6, rtol=1e-6)
