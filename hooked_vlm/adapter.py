@@ -126,6 +126,13 @@ class Adapter(abc.ABC):
         self.model = model
         self.processor = processor
 
+    @property
+    def name(self) -> str:
+        """The checkpoint the model was loaded from (its config's ``name_or_path``), else ``family:ModelClass``:
+        how stores, SAEs and steering vectors name the model."""
+        name = getattr(getattr(self.model, "config", None), "name_or_path", "")
+        return name or f"{self.family}:{type(self.model).__name__}"
+
     # ---- capabilities read from the towers -----------------------------------------------------------------
     @property
     def has_language_model(self) -> bool:

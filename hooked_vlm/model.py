@@ -460,3 +460,8 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
 def _glob(pattern: str) -> Callable[[str], Any]:
     """A compiled matcher for a glob pattern (``fnmatchcase`` recompiles per name: slow over ~1000 hook names)."""
     return re.compile(fnmatch.translate(pattern)).match
+    @property
+    def name(self) -> str:
+        """The model's name in stores, SAE configs and steering vectors (:attr:`Adapter.name <hooked_vlm.adapter.Adapter.name>`)."""
+        return self.adapter.name
+

@@ -362,9 +362,8 @@ class SteeringVector:
 
 
 def model_name(model: HookedVLM) -> str:
-    """The checkpoint name of a wrapped model (its config's ``_name_or_path``), else its class name."""
-    config = getattr(model.raw_model, "config", None)
-    return getattr(config, "_name_or_path", None) or type(model.raw_model).__name__
+    """``model.name``: the same name stores and SAEs use (kept for callers of the old name)."""
+    return model.name
 
 
 @torch.no_grad()

@@ -80,6 +80,20 @@ def encode_at(sae: SAE, hook_name: str, x: Tensor) -> Float[Tensor, "... d_sae"]
     return sae.encode((x.flatten(-2) if flattens_heads(sae, hook_name) else x).to(sae.device))
 
 
+@contextmanager
+def _hooks_disabled(sae: SAE) -> Iterator[None]:
+    """``sae``'s hook points replaced by identities for the block, so a clean pass ignores feature edits (what
+    HookedSAETransformer does for the error term, without sae_lens's private ``_disable_hooks``)."""
+    names = list(sae.hook_dict)
+    hook_points = {name: sae._modules[name] for name in names}
+    try:
+        for name in names:
+            sae._modules[name] = nn.Identity()
+        yield
+    finally:
+        sae._modules.update(hook_points)
+
+
 class SplicedSAE(nn.Module):
     """What runs at a hook point with an SAE spliced in: encode → (the SAE's hook points) → decode.
 
@@ -102,8 +116,6 @@ class SplicedSAE(nn.Module):
         self.flatten_heads = flattens_heads(sae, hook_name)
 
     def forward(self, x: Tensor) -> Tensor:
-        from sae_lens.saes.sae import _disable_hooks  # what HookedSAETransformer uses for the clean error term
-
         sae = self.sae
         width = x.shape[-2] * x.shape[-1] if _leaf(self.hook_name) in HEAD_HOOKS else x.shape[-1]
         if width != sae.cfg.d_in:
@@ -114,7 +126,7 @@ class SplicedSAE(nn.Module):
         sae_in = (x.flatten(-2) if self.flatten_heads else x).to(sae.device)
         out = sae.decode(sae.encode(sae_in))
         if self.use_error_term:
-            with torch.no_grad(), _disable_hooks(sae):  # the error of the unedited SAE, so edits show downstream
+            with torch.no_grad(), _hooks_disabled(sae):  # the error of the unedited SAE, so edits show downstream
                 clean = sae.decode(sae.encode(sae_in))
             out = out + sae.hook_sae_error(sae_in.to(clean.dtype) - clean)
         out = sae.hook_sae_output(out).to(device=x.device, dtype=x.dtype)

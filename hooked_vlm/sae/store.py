@@ -96,9 +96,8 @@ def slug(text: str) -> str:
 
 
 def checkpoint_name(model: HookedVLM) -> str:
-    """The checkpoint a model was loaded from (its config's ``name_or_path``), else its family and class."""
-    name = getattr(getattr(model.raw_model, "config", None), "name_or_path", "")
-    return name or f"{model.adapter.family}:{type(model.raw_model).__name__}"
+    """``model.name`` (kept for callers of the old name)."""
+    return model.name
 
 
 def default_store_path(model: str, hook_names: Sequence[str], positions: Positions) -> Path:
