@@ -373,3 +373,15 @@ def test_real_size_configs_on_meta(name, d_lm, layers, heads, kv_heads):
     assert layout.attention_segments(0) == [0, 64, 128, 192, 256]  # 224 px: 16×16 patches, four 8×8 windows
     assert layout.attention_segments(7) == [0, 256]
 
+
+
+def test_head_results_sum_to_the_attention_output(qwen, inputs):
+    """``attn.hook_result`` per head, summed over heads plus ``proj``'s bias, is the block's attention output."""
+    model, raw, _ = qwen
+    names = ["vision.blocks.0.attn.hook_result", "vision.blocks.0.hook_attn_out"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs, names_filter=names)
+    result = cache[names[0]]
+    assert result.shape == (1, N_PATCHES, 4, 32)
+    total = result.sum(2) + raw.model.visual.blocks[0].attn.proj.bias
+    torch.testing.assert_close(total, cache[names[1]], atol=TOL, rtol=0)
