@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from hooked_vlm.cache import PATTERN_HOOKS, ActivationCache
 from hooked_vlm.inputs import load_images
 from hooked_vlm.layout import InputLayout, Kind, Selector, TowerLayout
+from hooked_vlm.positions import Positions as PositionArgument
 from hooked_vlm.positions import record
 from hooked_vlm.taps import current_device
 
@@ -132,7 +133,7 @@ def _dataset_source(dataset: Any, image_column: str | None, id_column: str | Non
 
 #: one selector for every hook, or one per hook name (``{"vision.blocks.3.hook_resid_post": "patches",
 #: "lm.blocks.5.hook_resid_post": "image"}``: a vision and an LM hook harvested from the same forwards)
-Positions = Selector | Mapping[str, Selector]
+Positions = PositionArgument | Mapping[str, PositionArgument]
 
 
 def positions_for(positions: Positions, hook_name: str) -> Selector:
