@@ -42,7 +42,11 @@ os.environ.setdefault("UV_OFFLINE", "1")
 from hooked_vlm import HookedVLM  # noqa: E402
 from hooked_vlm.testing import build, load_config  # noqa: E402
 
-CONFIGS = {"llava": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "qwen": "Qwen/Qwen2-VL-2B-Instruct"}
+CONFIGS = {
+    "llava": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+    "qwen": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2_5": "Qwen/Qwen2.5-VL-3B-Instruct",  # same inputs as Qwen2-VL (one 448×448 image per prompt)
+}
 
 
 def build_model(name: str, device: str, dtype: torch.dtype, layers: int | None = None):
