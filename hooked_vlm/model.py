@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
+import operator
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,9 +19,10 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from hooked_vlm.adapter import ADAPTERS, Adapter, Prepared
-from hooked_vlm.cache import ActivationCache, HostCopies, Slicer, stash
+from hooked_vlm.cache import QUERY_HEAD_HOOKS, ActivationCache, HostCopies, Slicer, stash
 from hooked_vlm.head_results import with_head_results
 from hooked_vlm.layout import Selector
+from hooked_vlm.names import block_parts
 from hooked_vlm.sae.splice import SAEHooksMixin
 from hooked_vlm.taps import (
     BoundHookPoint,
@@ -296,7 +298,31 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         """Build model inputs and their :class:`InputLayout` from images, text, prompts or processor outputs."""
         if isinstance(inputs, Prepared):
             return inputs
+        _check_text("text", text)
+        _check_text("prompt", prompt)
         return self.adapter.prepare(inputs, text=text, prompt=prompt, **kwargs)
+
+    def _check_slicing(self, hook_points: list[BoundHookPoint], sliced: Slicer, heads: list[int] | None) -> None:
+        """``heads=`` and ``positions=`` checked against the towers of the cached hooks before the forward: a bad
+        index would otherwise fail mid-run, in a gather that names neither the argument nor the valid range."""
+        if heads is not None:
+            if not heads:
+                raise ValueError("heads=[] selects no head; pass head indices, or heads=None for every head")
+            n_heads = {tower.name: tower.n_heads for tower in self.adapter.towers()}
+            for hp in hook_points:
+                parts = block_parts(hp.name)
+                if parts is None or parts[2].rsplit(".", 1)[-1] not in QUERY_HEAD_HOOKS or parts[0] not in n_heads:
+                    continue
+                n = n_heads[parts[0]]
+                bad = [h for h in heads if not 0 <= h < n]
+                if bad:
+                    raise ValueError(
+                        f"heads={heads} has {bad} out of range for {hp.name!r}: the {parts[0]} tower has {n} heads, "
+                        f"so heads= takes indices 0..{n - 1}"
+                    )
+        if sliced.positions is not None:
+            for hp in hook_points:
+                sliced._position_index(hp.name)  # raises for indices outside the sequence or an empty selection
 
     def forward(self, inputs: Any = None, *, text: Any = None, prompt: Any = None, **kwargs) -> Any:
         """Run the model with whatever hooks are attached; returns what the wrapped model returns for the input."""
@@ -380,7 +406,8 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         hook_points = self.resolve_names(names_filter)
         prepared = self.prepare_inputs(inputs, text=text, prompt=prompt, **kwargs)
         cache: dict[str, Tensor] = {}
-        sliced = Slicer(prepared, positions, list(heads) if heads is not None else None)
+        sliced = Slicer(prepared, positions, _head_list(heads))
+        self._check_slicing(hook_points, sliced, sliced.heads)
         host_copies = HostCopies()
 
         def save(tensor: Tensor, hook: BoundHookPoint, suffix: str = "") -> None:
@@ -454,6 +481,34 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
             f"HookedVLM({self.adapter.family}: {type(self.raw_model).__name__}, "
             f"{len(self.hook_names())} hook points)"
         )
+
+
+def _check_text(argument: str, value: Any) -> None:
+    """``text=`` / ``prompt=``: a str, a non-empty list of str (or, for ``text=``, a tensor of token ids)."""
+    if value is None or isinstance(value, (str, Tensor)):
+        return
+    expected = f"{argument}= takes a str or a non-empty list of str"
+    if isinstance(value, (bytes, bytearray)):
+        raise TypeError(f"{expected}, got bytes (which would be read as one prompt per byte); decode it first")
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{expected}, got an empty {type(value).__name__}")
+        wrong = sorted({type(v).__name__ for v in value if not isinstance(v, str)})
+        if wrong:
+            raise TypeError(f"{expected}, got a {type(value).__name__} holding {', '.join(wrong)}")
+        return
+    raise TypeError(f"{expected}, got {type(value).__name__}")
+
+
+def _head_list(heads: Any) -> list[int] | None:
+    if heads is None:
+        return None
+    try:
+        if isinstance(heads, (str, bytes)):
+            raise TypeError
+        return [operator.index(h) for h in (heads.tolist() if isinstance(heads, Tensor) else heads)]
+    except TypeError:
+        raise TypeError(f"heads= takes a list of head indices (ints), got {heads!r}") from None
 
 
 @functools.lru_cache(maxsize=256)

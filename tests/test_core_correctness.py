@@ -199,3 +199,58 @@ def test_a_run_in_progress_refuses_other_threads_plain_forwards_raw_forwards_and
         worker.join()
     assert model.current_inputs is None
     torch.testing.assert_close(model(image), clean, rtol=0, atol=0)
+
+
+# ---- 5. arguments checked before the forward -----------------------------------------------------------------------
+class ForwardCounter:
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.raw_model.register_forward_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"names_filter": "vision.blocks.0.attn.hook_pattern", "heads": [99]}, ValueError, r"heads=.*indices 0\.\.3"),
+        ({"names_filter": "vision.blocks.1.attn.hook_z", "heads": [-1]}, ValueError, r"heads=.*indices 0\.\.3"),
+        ({"names_filter": "vision.blocks.0.attn.hook_pattern", "heads": []}, ValueError, r"heads=\[\] selects no head"),
+        ({"names_filter": "vision.blocks.0.attn.hook_pattern", "heads": "0"}, TypeError, r"heads= takes"),
+        ({"names_filter": "vision.blocks.0.hook_resid_post", "positions": [500]}, ValueError, r"outside.*length 17"),
+        ({"names_filter": "vision.blocks.0.hook_resid_post", "positions": "text"}, ValueError, r"'text' matches no"),
+        ({"names_filter": "vision.hook_out", "text": 123}, TypeError, r"text= takes a str.*got int"),
+        ({"names_filter": "vision.hook_out", "text": []}, ValueError, r"text= takes.*empty list"),
+        ({"names_filter": "vision.hook_out", "text": b"a cat"}, TypeError, r"text= .*bytes"),
+    ],
+)
+def test_bad_arguments_raise_one_clear_line_before_the_forward(kwargs, error, match):
+    model = tiny("clip")
+    counter = ForwardCounter(model)
+    try:
+        with pytest.raises(error, match=match):
+            model.run_with_cache(sample_image(64, 64), **kwargs)
+    finally:
+        counter.handle.remove()
+    assert counter.calls == 0 and model.current_inputs is None
+
+
+@pytest.mark.parametrize(("prompt", "error", "match"), [
+    (123, TypeError, "prompt= takes a str.*got int"), (b"hello", TypeError, "prompt=.*bytes"),
+    ([1], TypeError, "list holding int"), ([], ValueError, "prompt=.*empty list"),
+])
+def test_bad_prompts_of_the_vlms_raise_before_the_forward(prompt, error, match):
+    model = tiny("qwen2_vl")
+    counter = ForwardCounter(model)
+    try:
+        with pytest.raises(error, match=match):
+            model(sample_image(64, 64), prompt=prompt)
+    finally:
+        counter.handle.remove()
+    assert counter.calls == 0
+
+
+def test_valid_heads_and_positions_still_slice_the_cache():
+    model = tiny("clip")
+    name = "vision.blocks.0.attn.hook_pattern"
+    _, full = model.run_with_cache(sample_image(64, 64), names_filter=name)
+    _, some = model.run_with_cache(sample_image(64, 64), names_filter=name, heads=torch.tensor([3, 1]), positions=[0])
+    torch.testing.assert_close(some[name], full[name][:, [3, 1]][:, :, [0]])
