@@ -187,18 +187,31 @@ def readout_scores(
     progress: bool = True,
 ) -> ImageScores:
     """``readout`` of every image (in the source's order: the order a store harvested from it holds)."""
-    from hooked_vlm.patching import _evaluate
-
     source = image_source(images)
     values = []
     for first in tqdm(range(0, len(source), batch_size), desc="scores", disable=not progress):
         prepared = model.prepare_inputs(**model_inputs(model, source.load(first, first + batch_size), prompt))
-        values.append(_evaluate(model, prepared, readout).double().cpu())
+        values.append(evaluate_readout(model, prepared, readout).double().cpu())
     return ImageScores(torch.cat(values), repr(readout))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Causal evidence.
+
+
+def evaluate_readout(model: HookedVLM, prepared: Any, readout: Readout, fwd_hooks: Sequence = ()) -> Float[Tensor, " batch"]:
+    """``readout`` (``[batch]``) of one run on ``prepared`` with ``fwd_hooks`` attached. The readout's hooks are
+    kept with their autograd graph (``run_with_cache`` detaches), so the readout can be differentiated."""
+    from hooked_vlm.cache import ActivationCache
+
+    kept: dict[str, Tensor] = {}
+
+    def keep(tensor: Tensor, hook: Any) -> None:
+        kept[hook.name] = tensor
+
+    with model.hooks(fwd_hooks=[*fwd_hooks, *((name, keep) for name in readout.hook_names)]):
+        output = model(prepared)
+    return readout(output, ActivationCache(kept, lambda: prepared.layout))
 
 
 @dataclass
@@ -245,7 +258,6 @@ def causal_effects(
     image batch. The estimate for every feature comes from one forward and one backward per batch: the gradient
     of the readout with respect to ``hook_sae_acts_post``, times ``value - activation``.
     """
-    from hooked_vlm.patching import _evaluate
     from hooked_vlm.sae.evaluate import trained_positions
 
     if mode not in ("ablate", "clamp"):
@@ -271,7 +283,7 @@ def causal_effects(
                 return leaf["acts"]
 
             with torch.enable_grad():
-                clean = _evaluate(model, prepared, readout, [(acts_name, detach)])
+                clean = evaluate_readout(model, prepared, readout, [(acts_name, detach)])
                 (grad,) = torch.autograd.grad(clean.sum(), leaf["acts"])
             acts = leaf["acts"].detach()
             # only where the clamp acts (the SAE's positions): elsewhere the gradient is 0 already, but a clamp
@@ -284,7 +296,7 @@ def causal_effects(
             with torch.no_grad():
                 for f in features:
                     clamp = FeatureClamp(hook, f, target, positions)
-                    edited = _evaluate(model, prepared, readout, steering_hooks(model, clamp))
+                    edited = evaluate_readout(model, prepared, readout, steering_hooks(model, clamp))
                     per_feature.append(edited.double().cpu() - clean_values[-1])
             exact.append(torch.stack(per_feature, 1) if per_feature else torch.zeros(len(clean), 0, dtype=torch.float64))
     per_image = torch.cat(exact)
