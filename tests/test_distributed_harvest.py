@@ -61,11 +61,17 @@ def harvest_parts(model, source, path, world_size, ranks=None, **kwargs):
                          world_size=world_size, **kwargs)
 
 
-def assert_same_rows(store, clean, hooks=HOOKS):
-    """The same rows as the single-process store, in the same order (so also the same set), each once."""
+def assert_same_rows(store, clean, hooks=HOOKS, exact=True):
+    """The same rows as the single-process store, in the same order (so also the same set), each once.
+
+    ``exact=False`` for stores harvested in other processes: torchrun's workers run with another number of
+    intra-op threads (OMP_NUM_THREADS), which changes the order of float sums in the last bits."""
     assert store.complete and store.manifest["image_range"] == [0, len(clean.image_ids)]
     for hook in hooks:
-        assert torch.equal(store.read(hook), clean.read(hook))
+        if exact:
+            assert torch.equal(store.read(hook), clean.read(hook))
+        else:
+            torch.testing.assert_close(store.read(hook), clean.read(hook), rtol=1e-4, atol=1e-5)
         assert torch.equal(store.index(hook), clean.index(hook))
         index = store.index(hook)
         assert len(index[:, [0, 2]].unique(dim=0)) == len(index)  # no (image, position) twice
@@ -215,7 +221,7 @@ def test_torchrun_harvest_then_training_reads_the_merged_store(tmp_path):
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["parts"] == ["rank-0-of-2", "rank-1-of-2"] and manifest["n_images_done"] == 10
     assert [ActivationStore(tmp_path / "two" / p).image_range for p in manifest["parts"]] == [(0, 4), (4, 10)]
-    assert_same_rows(two, one, [hook])
+    assert_same_rows(two, one, [hook], exact=False)
     trained = train_sae(two, hook, output_path=tmp_path / "sae", batch_size=32, n_batches_for_norm_estimate=1,
                         expansion_factor=2, k=4)
     assert len(trained.losses) == two.n_rows[hook] // 32  # one pass over the merged store
