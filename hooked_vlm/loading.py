@@ -74,7 +74,10 @@ def load_adapter(
     if adapter is None:  # a hub id or a folder: the checkpoint's config names its family
         # A path that is not there would otherwise be tried as a hub id, after network timeouts when offline.
         if spec.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(spec)):
-            raise FileNotFoundError(f"model folder not found: {spec}")
+            raise FileNotFoundError(
+                f"model folder not found: {spec} (what was tried: a local folder, as the name is a path; "
+                "hub ids look like ORG/NAME)"
+            )
         spec = os.path.expanduser(spec)
         config = _load_config(spec, kwargs)
         adapter = next((a for a in adapters if a.matches_config(config)), None)
