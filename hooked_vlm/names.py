@@ -1,4 +1,4 @@
-"""What every canonical hook name means, with its shape convention (DESIGN.md, "Canonical hook names").
+"""What every canonical hook name means, with its shape convention (doc/hook_reference.md, "Naming scheme" and "Shape conventions").
 
 Per-block names are keyed by the part after ``{tower}.blocks.{i}.`` (``attn.hook_z``): they mean the same in
 ``vision.blocks``, ``text.blocks`` and ``lm.blocks``. Tower- and model-level names are keyed by their full name
@@ -70,6 +70,12 @@ MODEL_HOOKS: dict[str, tuple[str, str]] = {
     "hook_image_embeds": ("[batch, d_embed]", "image embedding: the pooled vision feature through the visual projection"),
     "hook_text_embeds": ("[batch, d_embed]", "text embedding: the pooled text feature through the text projection"),
 }
+
+#: per-block suffixes whose value is ``[batch, pos, d_model]`` on the residual stream (where an SAE or a steering
+#: vector of the tower's width fits), and those split into heads ``[batch, pos, head, d_head]``
+RESIDUAL_WIDTH_SUFFIXES: tuple[str, ...] = tuple(k for k, (shape, _) in BLOCK_HOOKS.items() if shape == RESID)
+HEAD_SUFFIXES: tuple[str, ...] = tuple(k for k, (shape, _) in BLOCK_HOOKS.items() if shape == HEADS)
+MLP_SUFFIXES: tuple[str, ...] = tuple(k for k, (shape, _) in BLOCK_HOOKS.items() if shape == MLP)
 
 _BLOCK = re.compile(r"^(?P<tower>\w+)\.blocks\.(?P<index>\d+)\.(?P<suffix>.+)$")
 

@@ -376,7 +376,7 @@ def _input_means(
     if not pairs:
         raise ValueError("an input set is empty")
     # Without a language model a list of images is a batch; a VLM reads a list as the images of one prompt.
-    batched = all(tower.name != "lm" for tower in model.adapter.towers())
+    batched = not model.adapter.has_language_model
     step = batch_size if batched else 1
     means = []
     for start in tqdm(range(0, len(pairs), step), disable=not progress, desc=hook_name):

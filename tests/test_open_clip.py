@@ -18,7 +18,7 @@ TOL = 1e-5
 TEXTS = ["a photo of a cat", "sunset over the sea", "a diagram"]
 DONOR_TEXTS = ["two dogs", "a red car on a road", "noise"]
 
-#: DESIGN.md's per-block hook set, in forward order
+#: the canonical per-block hook set (doc/hook_reference.md), in forward order
 BLOCK_HOOKS = [
     "hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores",
     "attn.hook_pattern", "attn.hook_z", "attn.hook_result", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized",

@@ -231,7 +231,7 @@ class HarvestBatch:
 
 
 def has_language_model(model: HookedVLM) -> bool:
-    return any(info.name == "lm" for info in model.adapter.towers())
+    return model.adapter.has_language_model
 
 
 def model_inputs(model: HookedVLM, images: list[Image.Image], prompt: str | None) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from hooked_vlm.cache import HEAD_HOOKS, PATTERN_HOOKS
 from hooked_vlm.layout import Selector
-from hooked_vlm.names import block_parts
+from hooked_vlm.names import MLP_SUFFIXES, RESIDUAL_WIDTH_SUFFIXES, block_parts
 from hooked_vlm.taps import BoundHookPoint
 
 if TYPE_CHECKING:
@@ -61,10 +61,9 @@ def sae_input_width(model: HookedVLM, hook_name: str) -> int | None:
     heads |= {"attn.hook_k": kv_heads, "attn.hook_rot_k": kv_heads, "attn.hook_v": kv_heads}
     if suffix in heads:
         return heads[suffix] * info.d_head
-    if suffix in ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"):
+    if suffix in MLP_SUFFIXES:
         return info.d_mlp
-    if suffix in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                  "ln1.hook_normalized", "ln2.hook_normalized"):
+    if suffix in RESIDUAL_WIDTH_SUFFIXES:
         return info.d_model
     return None
 
