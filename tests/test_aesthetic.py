@@ -180,6 +180,8 @@ def test_aesthetic_features_writes_table_summary_and_builds_steering(tmp_path):
     image_rows = rows.rows[rows.index[:, 0] == top["image"]]
     with torch.no_grad():
         assert top["value"] == pytest.approx(float(sae.encode(image_rows)[:, 3].max()))
+        assert top["value"] == pytest.approx(float(sae.encode(rows.rows[top["store_row"]][None])[0, 3]))
+    assert rows.index[top["store_row"]].tolist()[2:] == [top["position"], top["tile"], top["row"], top["col"]]
     vectors = steering_from_summary(tmp_path / "summary.json", sae, n=1)
     assert isinstance(vectors[0], SteeringVector) and torch.equal(vectors[0].vector, sae.W_dec[3].detach())
     clamps = steering_from_summary(summary, sae, n=1, kind="clamp", strength=2.0)

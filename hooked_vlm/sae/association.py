@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -376,18 +377,25 @@ def locate_peaks(
     hook = _resolve_hook(store, sae, hook_name)
     wanted = torch.tensor(sorted({int(i) for group in images for i in group}), dtype=torch.long)
     columns = torch.tensor([int(f) for f in features], dtype=torch.long)
+    groups = [torch.tensor([int(i) for i in group], dtype=torch.long) for group in images]
     best: dict[tuple[int, int], tuple[float, int, list[int]]] = {}
     offset = 0
     for acts, index in _row_chunks(store, hook, chunk_rows):
         keep = torch.isin(index[:, 0], wanted).nonzero()[:, 0]
         if len(keep):
             values = _encode(sae, acts[keep].to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)).cpu()[:, columns]
-            for r, row in enumerate(keep.tolist()):
-                image = int(index[row, 0])
-                for j, value in enumerate(values[r].tolist()):
-                    key = (j, image)
-                    if key not in best or value > best[key][0]:
-                        best[key] = (value, offset + row, index[row].tolist())
+            kept_images = index[keep, 0]
+            for j, group in enumerate(groups):
+                mine = torch.isin(kept_images, group).nonzero()[:, 0]
+                if not len(mine):
+                    continue
+                # strongest row first, then the first row of each image is its peak in this chunk
+                order = mine[values[mine, j].argsort(descending=True, stable=True)]
+                first = np.unique(kept_images[order].numpy(), return_index=True)[1]
+                for r in order[first].tolist():
+                    image, value, row = int(kept_images[r]), float(values[r, j]), int(keep[r])
+                    if (j, image) not in best or value > best[(j, image)][0]:
+                        best[(j, image)] = (value, offset + row, index[row].tolist())
         offset += len(acts)
     out = []
     for j, group in enumerate(images):
