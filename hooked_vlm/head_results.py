@@ -13,8 +13,10 @@ Linear; families that compute the attention themselves (open_clip's ``nn.Multihe
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 
+from accelerate.utils import align_module_device, has_offloaded_params
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -53,13 +55,16 @@ class HeadResultTap(Tap):
         def hook(module: nn.Linear, args, output):
             x = args[0]  # [..., head · d_head], after any hook_z edit (pre-hooks have run)
             z = x.unflatten(-1, (n_heads, -1))
-            result = per_head_results(z, module.weight)
+            # accelerate's offloading has put the weights back on the meta device by the time forward hooks run
+            with align_module_device(module) if has_offloaded_params(module) else nullcontext():
+                result = per_head_results(z, module.weight)
+                bias = None if module.bias is None else module.bias.to(x.device, result.dtype)
             h = view.to_hook(result)
             new = run.fire(hp, h)
             if new is h:
                 return None
             summed = view.from_hook(result, new).sum(-2)
-            return summed if module.bias is None else summed + module.bias.to(summed.dtype)
+            return summed if bias is None else summed + bias
 
         return [submodule(root, self.module).register_forward_hook(hook, prepend=True)]
 
