@@ -249,6 +249,7 @@ def _parse_name(name: str) -> tuple[str, str | None]:
 class OpenCLIPAdapter(Adapter):
     family = "open_clip"
     raw_prefix = "open_clip"
+    centre_crops_images = True  # open_clip's preprocess resizes the short side and centre-crops, as CLIP's
 
     def __init__(self, model: nn.Module, processor: Any = None):
         problems = _unsupported(model)
@@ -257,17 +258,16 @@ class OpenCLIPAdapter(Adapter):
         super().__init__(model, processor)
 
     @classmethod
-    centre_crops_images = True  # open_clip's preprocess resizes the short side and centre-crops, as CLIP's
+    def claimed_classes(cls) -> tuple[type, ...]:
+        return (open_clip.CLIP,)
+
+    @classmethod
     def matches_model(cls, model) -> bool:
         return isinstance(model, open_clip.CLIP)
 
     @classmethod
     def matches_name(cls, name: str) -> bool:
         return name.startswith("open_clip:")
-
-    @classmethod
-    def claimed_classes(cls) -> tuple[type, ...]:
-        return (open_clip.CLIP,)
 
     @classmethod
     def load(cls, name, *, device, dtype, attn_implementation, **open_clip_kwargs):

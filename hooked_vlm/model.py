@@ -476,6 +476,11 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         new_tokens = sequences[:, n_prompt:]
         return Generation(sequences, new_tokens, self.adapter.decode(new_tokens), step_cache, prepared.layout)
 
+    @property
+    def name(self) -> str:
+        """The model's name in stores, SAE configs and steering vectors (:attr:`Adapter.name <hooked_vlm.adapter.Adapter.name>`)."""
+        return self.adapter.name
+
     def __repr__(self) -> str:
         return (
             f"HookedVLM({self.adapter.family}: {type(self.raw_model).__name__}, "
@@ -515,8 +520,3 @@ def _head_list(heads: Any) -> list[int] | None:
 def _glob(pattern: str) -> Callable[[str], Any]:
     """A compiled matcher for a glob pattern (``fnmatchcase`` recompiles per name: slow over ~1000 hook names)."""
     return re.compile(fnmatch.translate(pattern)).match
-    @property
-    def name(self) -> str:
-        """The model's name in stores, SAE configs and steering vectors (:attr:`Adapter.name <hooked_vlm.adapter.Adapter.name>`)."""
-        return self.adapter.name
-

@@ -212,5 +212,7 @@ def test_compiled_harvest_gives_the_same_rows(models):
                             compiled={"backend": "eager"}))
     for a, b in zip(eager, compiled, strict=True):
         for hook in hooks:
-            assert torch.equal(a.acts[hook], b.acts[hook]) and torch.equal(a.index[hook], b.index[hook])
+            # a short last batch runs padded to the compiled size: other kernels, so last-bit differences
+            torch.testing.assert_close(a.acts[hook], b.acts[hook], rtol=1e-5, atol=1e-6)
+            assert torch.equal(a.index[hook], b.index[hook])
     assert len(model.raw_model.vision_model.encoder.layers) == 2  # the tower is whole again
