@@ -11,27 +11,21 @@ windows; a side of 3 merged tokens gives partial windows.
 from __future__ import annotations
 
 from hooked_vlm.testing.clip import _init
-from hooked_vlm.testing.llava_onevision import qwen2_tokenizer
 from hooked_vlm.testing.qwen2_vl import (
-    CHAT_TEMPLATE,
-    SPECIAL_TOKENS,
     TINY_QWEN2_VL_MAX_PIXELS,
     TINY_QWEN2_VL_MIN_PIXELS,
+    qwen2_vl_processor,
+    tiny_qwen2_text_config,
 )
 
 TINY_WINDOW_SIZE = 56  # px: 2×2 merged tokens per window
 
 
 def qwen2_5_vl_processor(min_pixels: int = TINY_QWEN2_VL_MIN_PIXELS, max_pixels: int = TINY_QWEN2_VL_MAX_PIXELS):
-    """``Qwen2_5_VLProcessor`` for the tiny model: the real image processor, byte tokenizer, small chat template."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    """``Qwen2_5_VLProcessor`` for the tiny model: the parts of the tiny Qwen2-VL processor."""
+    from transformers import Qwen2_5_VLProcessor
 
-    return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
-        tokenizer=qwen2_tokenizer(SPECIAL_TOKENS),
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=CHAT_TEMPLATE,
-    )
+    return qwen2_vl_processor(min_pixels, max_pixels, processor_class=Qwen2_5_VLProcessor)
 
 
 def tiny_qwen2_5_vl_config(tokenizer):
@@ -39,12 +33,7 @@ def tiny_qwen2_5_vl_config(tokenizer):
 
     ids = tokenizer.convert_tokens_to_ids
     return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
-            bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-        ),
+        text_config=tiny_qwen2_text_config(tokenizer),
         vision_config=dict(
             depth=3, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, window_size=TINY_WINDOW_SIZE, fullatt_block_indexes=[1],

@@ -34,15 +34,30 @@ CHAT_TEMPLATE = (
 )
 
 
-def qwen2_vl_processor(min_pixels: int = TINY_QWEN2_VL_MIN_PIXELS, max_pixels: int = TINY_QWEN2_VL_MAX_PIXELS):
-    """``Qwen2VLProcessor`` for the tiny model: the real image processor, byte tokenizer, small chat template."""
+def qwen2_vl_processor(
+    min_pixels: int = TINY_QWEN2_VL_MIN_PIXELS, max_pixels: int = TINY_QWEN2_VL_MAX_PIXELS, processor_class=None
+):
+    """``Qwen2VLProcessor`` (or ``processor_class``, for the later Qwen-VL families that share its parts) for the
+    tiny model: the real image processor, byte tokenizer, small chat template."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    return Qwen2VLProcessor(
+    return (processor_class or Qwen2VLProcessor)(
         image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
         tokenizer=qwen2_tokenizer(SPECIAL_TOKENS),
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_qwen2_text_config(tokenizer) -> dict:
+    """The tiny Qwen2 LM with M-RoPE that the Qwen-VL families share."""
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        # head_dim 8 → 4 rotary frequencies, split over (t, h, w) as the real [16, 24, 24] splits 64
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+        bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
     )
 
 
@@ -51,13 +66,7 @@ def tiny_qwen2_vl_config(tokenizer):
 
     ids = tokenizer.convert_tokens_to_ids
     return Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            # head_dim 8 → 4 rotary frequencies, split over (t, h, w) as the real [16, 24, 24] splits 64
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
-            bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-        ),
+        text_config=tiny_qwen2_text_config(tokenizer),
         vision_config=dict(
             depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
             temporal_patch_size=2,
