@@ -34,7 +34,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.factory import parse_model_name
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import LayerScale, ResidualAttentionBlock, VisionTransformer
 from PIL import Image
 from torch import Tensor, nn
 
@@ -376,6 +376,10 @@ class OpenCLIPAdapter(Adapter):
         if tower not in paths:
             raise self.no_block_list(tower)
         return paths[tower]
+
+    def attn_layer_scale(self, tower: str, layer: int) -> Tensor | None:
+        scale = submodule(self.model, self.block_list(tower))[layer].ls_1
+        return scale.gamma if isinstance(scale, LayerScale) else None
 
     def example_inputs(self) -> dict[str, Any]:
         height, width = self.model.visual.image_size

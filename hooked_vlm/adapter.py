@@ -233,6 +233,12 @@ class Adapter(abc.ABC):
             f"{self.family}: no block list for the {tower!r} tower (towers: {[t.name for t in self.towers()]})"
         )
 
+    def attn_layer_scale(self, tower: str, layer: int) -> torch.Tensor | None:
+        """``[d_model]``: the per-channel scale (LayerScale) block ``layer`` of ``tower`` applies to its attention
+        output before adding it to the residual stream, or None. Decompositions fold it into each head's write
+        (``attn.hook_result`` itself is ``z @ W_O`` per head, before the scale)."""
+        return None
+
     def example_inputs(self) -> dict[str, Any] | None:
         """Processor-style inputs of the checkpoint's real sizes, built from the config alone, or ``None``.
 

@@ -97,7 +97,7 @@ class DirectAttribution:
         grid = self.patch_map(head, batch=batch, image=image)
         what = "all heads" if head is None else f"L{head[0]}H{head[1]}"
         return patch_heatmap(image_pil, grid, path, title=title or f"direct attribution by source patch, {what}",
-                             label="contribution")
+                             label="contribution", signed=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -149,12 +149,15 @@ class ActivationCache(Mapping[str, Tensor]):
         return f"ActivationCache({len(self)} entries: {', '.join(list(self.cache_dict)[:4])}{', …' if len(self) > 4 else ''})"
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ActivationCache:
-        """A cache with every tensor moved to ``device`` and/or cast to ``dtype`` (floating tensors only)."""
+        """A cache with every tensor moved to ``device`` and/or cast to ``dtype`` (floating tensors only); it keeps
+        the layout and the model, so its decompositions still work."""
 
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
 
-        return ActivationCache({k: move(v) for k, v in self.cache_dict.items()}, self._layout_source)
+        moved = ActivationCache({k: move(v) for k, v in self.cache_dict.items()}, self._layout_source)
+        moved.model, moved.has_batch_dim = self.model, self.has_batch_dim
+        return moved
 
     def names(self, pattern: str) -> list[str]:
         """Cached names matching a glob (``*`` matches any run of characters), in natural layer order."""

@@ -102,24 +102,30 @@ class Tower:
         return submodule(self.model.raw_model, self.model.hook_dict[hook_name].tap.module)
 
     def out_proj(self, layer: int) -> tuple[Float[Tensor, "d_model hd"], Float[Tensor, " d_model"] | None]:
-        """``(weight, bias)`` of block ``layer``'s attention output projection (``W_O`` flattened, ``b_O``)."""
+        """``(weight, bias)`` of block ``layer``'s attention output into the residual stream (``W_O`` flattened,
+        ``b_O``), with the block's layer scale (if any) folded in, so each head's part is what the block adds."""
         name = self.hook(layer, "attn.hook_result")
         if name not in self.model.hook_dict:
             raise KeyError(f"{name!r}: this tower has no per-head result hook, so no output projection is known")
         tap = self.model.hook_dict[name].tap
         module = submodule(self.model.raw_model, tap.module)
         if not isinstance(tap, HeadResultTap):  # open_clip: the block, whose nn.MultiheadAttention owns out_proj
-            ls = getattr(module, "ls_1", None)
-            if ls is not None and not isinstance(ls, nn.Identity):
-                raise NotImplementedError(f"{tap.module}: layer scale after attention is not folded into W_O here")
             module = module.attn.out_proj
-        return module.weight, module.bias
+        weight, bias = module.weight, module.bias
+        scale = self.layer_scale(layer)
+        if scale is not None:
+            weight, bias = scale[:, None] * weight, None if bias is None else scale * bias
+        return weight, bias
+
+    def layer_scale(self, layer: int) -> Float[Tensor, " d_model"] | None:
+        return self.model.adapter.attn_layer_scale(self.name, layer)
 
     def head_results(self, cache: ActivationCache, layer: int) -> Float[Tensor, "batch pos head d_model"]:
         """``attn.hook_result`` of ``layer`` from the cache, or computed from a cached ``attn.hook_z``."""
         name = self.hook(layer, "attn.hook_result")
         if name in cache.cache_dict:
-            return cache.cache_dict[name]
+            result, scale = cache.cache_dict[name], self.layer_scale(layer)
+            return result if scale is None else result * scale.to(result.device, result.dtype)
         z_name = self.hook(layer, "attn.hook_z")
         if z_name not in cache.cache_dict:
             raise KeyError(f"neither {name!r} nor {z_name!r} is cached: cache '{self.name}.blocks.*.attn.hook_result'")
@@ -407,6 +413,9 @@ class BatchDimError(ValueError, AssertionError):
 
 
 def _batch_size(cache: ActivationCache) -> int:
+    """The number of inputs: rows of the layout's main sequence (without a layout, the commonest leading size)."""
+    if cache.layout is not None:
+        return cache.layout[cache.layout.main_tower].shape[0]
     from collections import Counter
 
     counts = Counter(v.size(0) for v in cache.cache_dict.values() if v.ndim > 0)
@@ -431,21 +440,70 @@ def remove_batch_dim(cache: ActivationCache) -> ActivationCache:
 
 
 def apply_slice_to_batch_dim(cache: ActivationCache, batch_slice: Any) -> ActivationCache:
-    """A new cache with ``batch_slice`` (an int, slice, list or ``Slice``) applied to every batched tensor; an int
-    removes the batch axis. The sliced cache keeps the model but not the input layout (it describes every row)."""
+    """A new cache of the inputs ``batch_slice`` (an int, slice, list or ``Slice``) selects; an int removes the batch
+    axis. It keeps the model and a layout of the kept rows (:meth:`InputLayout.select_inputs
+    <hooked_vlm.layout.InputLayout.select_inputs>`): every tower's tensors are indexed with the rows of that tower
+    that belong to the selected inputs (an image's tiles, say), and tensors with no per-position layout (pooled
+    embeddings, logits) with the input rows. A tensor whose leading axis is neither is refused, not kept whole."""
     from hooked_vlm.cache import ActivationCache as Cache
 
     batch_slice = _slice(batch_slice)
     if not cache.has_batch_dim and batch_slice.mode != "empty":
         raise BatchDimError("cannot index into a cache without a batch dim")
     batch = _batch_size(cache)
-    sliced = {
-        name: batch_slice.apply(v, dim=0) if v.ndim > 0 and v.size(0) == batch else v for name, v in cache.cache_dict.items()
-    }
-    new = Cache(sliced, None)
+    rows = batch_slice.apply(torch.arange(batch), dim=0).reshape(-1)
+    layout, index = (None, {}) if cache.layout is None else cache.layout.select_inputs(rows)
+    squeeze = batch_slice.mode == "int"
+    sliced = {}
+    for name, value in cache.cache_dict.items():
+        tower = None
+        if cache.layout is not None:
+            try:
+                tower = cache.layout.tower_key(name)
+            except KeyError:  # no per-position layout (pooled embeddings, logits)
+                pass
+        if value.ndim == 0:
+            sliced[name] = value
+            continue
+        if tower is not None and value.size(0) == cache.layout[tower].shape[0]:
+            keep, positions = index[tower]
+            aligned = positions is None and value.size(0) == batch and torch.equal(keep, rows)
+            if positions is not None:  # one packed row: keep the selected inputs' positions
+                sliced[name] = _packed_positions(name, value, positions, cache.layout[tower].shape[1])
+                continue
+        elif value.size(0) == batch:
+            keep, aligned = rows, True
+        elif cache.layout is None:
+            sliced[name] = value  # no layout says what its rows are, as TransformerLens keeps them
+            continue
+        else:
+            raise BatchDimError(
+                f"{name!r} has {value.size(0)} rows, neither the {batch} inputs nor the rows of its sequence; "
+                "it cannot be sliced by input"
+            )
+        kept = value[keep.to(value.device)]
+        sliced[name] = kept[0] if squeeze and aligned else kept
+    new = Cache(sliced, layout)
     new.model = cache.model
-    new.has_batch_dim = batch_slice.mode != "int" and cache.has_batch_dim
+    new.has_batch_dim = not squeeze and cache.has_batch_dim
     return new
+
+
+def _packed_positions(name: str, value: Tensor, positions: Tensor, length: int) -> Tensor:
+    """``value``'s part at ``positions`` of a packed sequence of ``length``: along the position axis, and for
+    attention scores and patterns (``[1, head, query, key]``) along both the query and the key axes."""
+    from hooked_vlm.cache import PATTERN_HOOKS, axes
+
+    axis = axes(name)[0]
+    along = [axis, axis + 1] if name.rsplit(".", 1)[-1] in PATTERN_HOOKS else [axis]
+    if any(value.ndim <= a or value.size(a) != length for a in along):
+        raise BatchDimError(
+            f"{name!r} ({tuple(value.shape)}) has no axis over the {length} positions of its packed sequence, so the "
+            "selected inputs' part of it is not known; run those inputs on their own"
+        )
+    for a in along:
+        value = value.index_select(a, positions.to(value.device))
+    return value
 
 
 def needed_hooks(tower: str = "*", heads: bool = True) -> list[str]:

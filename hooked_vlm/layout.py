@@ -98,13 +98,17 @@ class InputLayout:
     def __getitem__(self, tower: str) -> TowerLayout:
         return self.towers[tower]
 
-    def tower_for(self, hook_name: str) -> TowerLayout:
+    def tower_key(self, hook_name: str) -> str:
+        """The key of the tower whose positions ``hook_name`` holds (``KeyError`` for a hook with none)."""
         parts = hook_name.split(".")
         prefixes = (".".join(parts[:n]) for n in range(len(parts), 0, -1))
         key = next((self.tower_of_prefix[p] for p in prefixes if p in self.tower_of_prefix), parts[0])
         if key not in self.towers:
             raise KeyError(f"hook {hook_name!r} has no per-position layout (towers: {sorted(self.towers)})")
-        return self.towers[key]
+        return key
+
+    def tower_for(self, hook_name: str) -> TowerLayout:
+        return self.towers[self.tower_key(hook_name)]
 
     def mask(self, selector: Selector, hook_name: str) -> Bool[Tensor, "batch pos"]:
         """The positions of ``hook_name``'s sequence that ``selector`` picks, as a ``[batch, pos]`` bool mask."""
@@ -118,6 +122,67 @@ class InputLayout:
         if "lm" not in self.towers:
             raise KeyError(f"this input has no language-model sequence (towers: {sorted(self.towers)})")
         return torch.isin(self.towers["lm"].kind, torch.tensor((Kind.IMAGE, Kind.NEWLINE)))
+
+    @property
+    def main_tower(self) -> str:
+        """The sequence whose rows are the inputs of a run: the LM's where there is one, else the first tower's."""
+        return "lm" if "lm" in self.towers else next(iter(self.towers))
+
+    def select_inputs(
+        self, rows: Int[Tensor, " n"]
+    ) -> tuple[InputLayout, dict[str, tuple[Int[Tensor, " rows"], Int[Tensor, " pos"] | None]]]:
+        """The layout of the inputs ``rows`` (rows of :attr:`main_tower`) alone, and for every tower the indices
+        ``(rows, positions)`` of its part that belongs to them (``positions`` None: every position of those rows);
+        a batch slice of a cache indexes each tower's tensors with these.
+
+        A tower with as many rows as the main one, each with the same images (or none), is indexed like it; a tower
+        of other rows keeps the rows whose images all belong to the selected inputs (LLaVA's image tiles); a single
+        row packing several images (Qwen2-VL's vision sequence) keeps the positions of the selected images. A tower
+        of unrelated rows (captions counted apart from the images) cannot be sliced with the inputs: a
+        ``ValueError``. The result is a plain :class:`InputLayout`: family extras (packing records) describe every
+        row and are dropped; image indices keep their original numbers.
+        """
+        main_key = self.main_tower
+        main = self.towers[main_key]
+        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        chosen = main.image[rows]
+        chosen = chosen[chosen >= 0].unique()
+        towers, index = {}, {}
+        for key, tower in self.towers.items():
+            has_image = tower.image >= 0
+            positions = None
+            if key == main_key or (
+                tower.shape[0] == main.shape[0]
+                and all(
+                    torch.equal(a[a >= 0].unique(), b[b >= 0].unique()) or not (a >= 0).any()
+                    for a, b in zip(tower.image, main.image, strict=True)
+                )
+            ):
+                keep = rows
+            elif tower.shape[0] == 1 and has_image.all():
+                keep, positions = torch.zeros(1, dtype=torch.long), torch.isin(tower.image[0], chosen).nonzero()[:, 0]
+            elif has_image.any(-1).all():
+                keep = torch.isin(tower.image, chosen).any(-1).nonzero()[:, 0]
+                if not torch.isin(tower.image[keep][has_image[keep]], chosen).all():
+                    raise ValueError(f"rows of the {key!r} sequence mix images of selected and other inputs")
+            else:
+                raise ValueError(
+                    f"the {key!r} sequence has {tower.shape[0]} rows that are not the {main.shape[0]} inputs of "
+                    f"{main_key!r} (e.g. captions counted apart from the images), so it cannot be sliced with them"
+                )
+            index[key] = keep, positions
+            picked = [keep] if positions is None else [keep[:, None], positions[None]]
+            grids = list(tower.grids)
+            if positions is None and len(grids) == tower.shape[0]:
+                grids = [grids[i] for i in keep.tolist()]
+            elif positions is not None:
+                grids = [grids[i] for i in chosen.tolist() if i < len(grids)]
+            towers[key] = TowerLayout(
+                **{f: getattr(tower, f)[tuple(picked)] for f in ("kind", "image", "tile", "row", "col")},
+                grids=grids,
+                notes=list(tower.notes),
+            )
+        return InputLayout(towers, dict(self.tower_of_prefix)), index
 
     def to_patch_grid(self, hook_name: str, activation: Tensor) -> Tensor:
         """``[batch, pos, ...]`` → ``[batch, rows, cols, ...]`` over the image patches (CLS and text dropped)."""

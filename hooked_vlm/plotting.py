@@ -182,12 +182,15 @@ def patch_heatmap(
     title: str | None = None,
     label: str | None = None,
     cmap: str | None = None,
+    signed: bool | None = None,
 ) -> Figure:
     """``values[rows, cols]`` (one per patch, row 0 at the top) as an opaque heatmap beside ``image``, on the same
     axes extent so patch (r, c) sits where its pixels sit in the picture on the left.
 
     The heatmap is never blended into the picture: a blend mixes the picture's colours into the map's, and the
-    colour bar can no longer be read. Signed values get a diverging map centred on 0 (see :func:`_value_scale`).
+    colour bar can no longer be read. Signed values get a diverging map centred on 0 (see :func:`_value_scale`);
+    pass ``signed=True`` for a signed quantity (an attribution, an effect) so it keeps that map even when every
+    value of this image happens to share one sign.
     Pass the image as the model saw it (e.g. the centre crop a CLIP processor keeps). Get the grid from a cache
     with ``cache.layout.image_grid(name, tensor)``.
     """
@@ -199,7 +202,7 @@ def patch_heatmap(
         )
     picture = np.asarray(image)
     height, width = picture.shape[:2]
-    cmap, vmin, vmax = _value_scale(grid, cmap, sequential="inferno")
+    cmap, vmin, vmax = _value_scale(grid, cmap, sequential="inferno", signed=signed)
     panel = 4.2
     fig = Figure(figsize=(2 * panel + 1.0, max(2.5, min(9.0, panel * height / width)) + 0.9), layout="constrained")
     # the heatmap is the figure's first axes (code reading values back off the figure finds it first), drawn right

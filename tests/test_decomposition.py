@@ -1,6 +1,8 @@
 """Per-head results, residual decompositions (TransformerLens cache methods) and direct attribution, on every
 family's tiny model in float32, against the model's own hooks, HF outputs and hand computations from HF modules."""
 
+from functools import partial
+
 import pytest
 import torch
 from reference import direct_hooks
@@ -11,12 +13,15 @@ from hooked_vlm.testing import TINY_MODELS, sample_image
 from hooked_vlm.utils import act_name
 
 ATOL = 1e-4
-FAMILIES = ["clip", "open_clip", "llava_onevision", "qwen2_vl"]
+#: every family, and open_clip with LayerScale (random scales) after every attention and MLP
+FACTORIES = {**TINY_MODELS, "open_clip_ls": partial(TINY_MODELS["open_clip"], ls_init_value=0.5)}
+FAMILIES = ["clip", "open_clip", "open_clip_ls", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
+TWO_TOWERS = ("clip", "open_clip", "open_clip_ls")
 PROMPT = "What is in the picture?"
 
 
 def _inputs(family):
-    if family in ("clip", "open_clip"):
+    if family in TWO_TOWERS:
         return [sample_image(seed=0), sample_image(seed=1, width=80, height=120)], {"text": ["a photo of a cat", "sunset"]}
     return sample_image(32, 32), {"prompt": PROMPT}
 
@@ -31,7 +36,7 @@ _MODELS: dict = {}
 def get(family):
     """``(model, output, cache)`` of one full run per family (built once: tests only read them)."""
     if family not in _MODELS:
-        raw, processor = TINY_MODELS[family]()
+        raw, processor = FACTORIES[family]()
         model = HookedVLM.from_hf(raw, processor)
         inputs, kwargs = _inputs(family)
         with torch.no_grad():
@@ -44,7 +49,7 @@ def towers(family):
     return [t.name for t in get(family)[0].adapter.towers()]
 
 
-CASES = [(f, t) for f in FAMILIES for t in {"clip": ["vision", "text"], "open_clip": ["vision", "text"]}.get(f, ["vision", "lm"])]
+CASES = [(f, t) for f in FAMILIES for t in (["vision", "text"] if f in TWO_TOWERS else ["vision", "lm"])]
 
 
 def _run(model, family, **kwargs):
@@ -67,8 +72,13 @@ def test_head_results_plus_bias_equal_attn_out(family, tower):
     for layer in range(t.n_layers):
         result = cache[f"{tower}.blocks.{layer}.attn.hook_result"]
         assert result.shape[-2:] == (t.n_heads, t.info.d_model)
+        # what each head adds to the residual stream: its result, times the block's layer scale if it has one
+        written = t.head_results(cache, layer)
+        scale = t.layer_scale(layer)
+        assert (scale is not None) == (family == "open_clip_ls")
+        torch.testing.assert_close(written, result if scale is None else result * scale, atol=1e-6, rtol=0)
         bias = t.out_proj(layer)[1]
-        total = result.sum(-2) + (0 if bias is None else bias)
+        total = written.sum(-2) + (0 if bias is None else bias)
         torch.testing.assert_close(total, cache[f"{tower}.blocks.{layer}.hook_attn_out"], atol=ATOL, rtol=0)
     stack = cache.stack_head_results(tower=tower)
     assert stack.shape[0] == t.n_layers * t.n_heads
@@ -163,9 +173,13 @@ NORMED = {
     ("clip", "text"): ("text.ln_final.hook_normalized", None),
     ("open_clip", "vision"): ("vision.hook_out", 0),
     ("open_clip", "text"): ("text.ln_final.hook_normalized", None),
+    ("open_clip_ls", "vision"): ("vision.hook_out", 0),
+    ("open_clip_ls", "text"): ("text.ln_final.hook_normalized", None),
     ("llava_onevision", "lm"): ("lm.ln_final.hook_normalized", None),
     ("qwen2_vl", "vision"): ("projector.ln.hook_normalized", None),
     ("qwen2_vl", "lm"): ("lm.ln_final.hook_normalized", None),
+    ("qwen2_5_vl", "vision"): ("projector.ln.hook_normalized", None),
+    ("qwen2_5_vl", "lm"): ("lm.ln_final.hook_normalized", None),
 }
 
 
@@ -372,6 +386,65 @@ def test_apply_slice_to_batch_dim():
         one.apply_slice_to_batch_dim(0)
 
 
+def test_a_batch_slice_keeps_the_layout_of_the_kept_rows():
+    _, _, cache = get("clip")  # two images, two captions
+    kept = cache.apply_slice_to_batch_dim([1])
+    for tower in ("vision", "text"):
+        for field in ("kind", "image", "row", "col"):
+            assert torch.equal(getattr(kept.layout[tower], field), getattr(cache.layout[tower], field)[1:])
+    name = "vision.blocks.1.hook_resid_post"
+    torch.testing.assert_close(kept.to_patch_grid(name), cache.to_patch_grid(name)[1:])
+    torch.testing.assert_close(kept.select(name, "cls"), cache[name][1:, 0])
+
+
+def test_a_batch_slice_takes_the_tiles_of_the_kept_images():
+    """LLaVA-OneVision runs the vision tower over tiles: a slice of the prompts keeps their images' tiles."""
+    raw, processor = TINY_MODELS["llava_onevision"]()
+    model = HookedVLM.from_hf(raw, processor)
+    images = [sample_image(32, 32, seed=0), sample_image(48, 24, seed=1)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(images, prompt=[PROMPT, "Describe it."], names_filter=_needed, stop_early=False)
+    vision = cache.layout["vision"]
+    second = vision.image[:, 0] == 1
+    assert 1 < int(second.sum()) < vision.shape[0]  # several tiles, not all of them
+    kept = cache.apply_slice_to_batch_dim([1])
+    name = "vision.blocks.0.hook_resid_post"
+    assert torch.equal(kept[name], cache[name][second])
+    assert torch.equal(kept.layout["vision"].tile, vision.tile[second])
+    assert torch.equal(kept["lm.blocks.0.hook_resid_post"], cache["lm.blocks.0.hook_resid_post"][1:])
+    assert torch.equal(kept.layout["lm"].kind, cache.layout["lm"].kind[1:])
+    with torch.no_grad():  # the same as running the second prompt alone
+        _, alone = model.run_with_cache(images[1], prompt="Describe it.", names_filter=_needed, stop_early=False)
+    torch.testing.assert_close(kept[name], alone[name], atol=ATOL, rtol=0)
+
+
+def test_a_batch_slice_of_a_packed_sequence_keeps_the_kept_images_positions():
+    """Qwen2-VL packs every image of a run into one vision sequence (attention stays within each image): a slice of
+    the prompts keeps their images' positions, as if they had run alone."""
+    model, _, _ = get("qwen2_vl")
+    images = [sample_image(32, 32, seed=0), sample_image(32, 32, seed=1)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(images, prompt=[PROMPT, PROMPT], names_filter=_needed, stop_early=False)
+        _, alone = model.run_with_cache(images[1], prompt=PROMPT, names_filter=_needed, stop_early=False)
+    kept = cache.apply_slice_to_batch_dim([1])
+    for name in ("vision.blocks.0.hook_resid_post", "vision.blocks.1.hook_resid_post", "projector.hook_out"):
+        assert kept[name].shape == alone[name].shape
+        torch.testing.assert_close(kept[name], alone[name], atol=ATOL, rtol=0)
+    assert torch.equal(kept.layout["vision"].row, alone.layout["vision"].row)
+    whole = cache.apply_slice_to_batch_dim(slice(None))
+    assert all(torch.equal(whole[k], cache[k]) for k in cache)
+
+
+def test_moving_a_cache_keeps_its_model_and_layout():
+    model, _, cache = get("clip")
+    moved = cache.to("cpu", torch.float64)
+    assert moved.model is model and moved.layout is cache.layout
+    assert moved["vision.blocks.0.hook_resid_pre"].dtype == torch.float64
+    torch.testing.assert_close(
+        moved.get_full_resid_decomposition().sum(0).float(), cache["vision.blocks.1.hook_resid_post"], atol=ATOL, rtol=0
+    )
+
+
 # ---- step 3: direct attribution onto readouts -----------------------------------------------------------------------
 
 from torch import nn  # noqa: E402
@@ -495,4 +568,6 @@ def test_attribution_plots(tmp_path):
     assert image.cmap.name == "RdBu_r" and image.norm.vmin == -image.norm.vmax
     fig = a.plot_patches(sample_image(seed=0), tmp_path / "patches.png", head=(1, 0))
     assert len(fig.axes[0].images) == 1 and len(fig.axes[1].images) == 1  # heatmap beside the image, not over it
+    heat = fig.axes[0].images[0]  # an attribution is signed: centred on 0 whatever signs this map holds
+    assert heat.cmap.name == "RdBu_r" and heat.norm.vmin == -heat.norm.vmax
     assert (tmp_path / "heads.png").stat().st_size > 0 and (tmp_path / "patches.png").stat().st_size > 0

@@ -53,8 +53,12 @@ def test_signed_values_get_a_diverging_map_centred_on_zero(tmp_path):
         heat = _heat(fig)
         assert heat.cmap.name == "RdBu_r" and heat.norm.vmin == -heat.norm.vmax == pytest.approx(-0.21)
     # a signed quantity whose values happen to be all positive still reads on the same centred scale
-    heat = _heat(head_grid(torch.tensor([[0.1, 0.3]]), tmp_path / "pos.png", signed=True))
-    assert heat.cmap.name == "RdBu_r" and heat.norm.vmin == -heat.norm.vmax == pytest.approx(-0.3)
+    for fig in (
+        head_grid(torch.tensor([[0.1, 0.3]]), tmp_path / "pos.png", signed=True),
+        patch_heatmap(Image.new("RGB", (8, 8)), torch.tensor([[0.1, 0.3]]), tmp_path / "pos_heat.png", signed=True),
+    ):
+        heat = _heat(fig)
+        assert heat.cmap.name == "RdBu_r" and heat.norm.vmin == -heat.norm.vmax == pytest.approx(-0.3)
     # and a non-negative one (norms, attention) keeps a sequential map over its own range
     heat = _heat(head_grid(torch.tensor([[0.1, 0.3]]), tmp_path / "share.png"))
     assert heat.cmap.name == "viridis" and (heat.norm.vmin, heat.norm.vmax) == pytest.approx((0.1, 0.3))

@@ -97,14 +97,17 @@ def tiny_clip(kind: str = "CLIPModel", seed: int = 0, attn_implementation: str =
     return _init(model, seed), clip_processor()
 
 
-def tiny_open_clip(seed: int = 0):
-    """A tiny random open_clip ``CLIP`` (ViT vision tower, causal text tower) and its preprocess + tokenizer."""
+def tiny_open_clip(seed: int = 0, ls_init_value: float | None = None):
+    """A tiny random open_clip ``CLIP`` (ViT vision tower, causal text tower) and its preprocess + tokenizer.
+
+    ``ls_init_value`` gives every block LayerScale after attention and MLP (as in open_clip's ViT-g/ViT-bigG
+    configs); its scales are then random too."""
     import open_clip
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     vision = CLIPVisionCfg(layers=2, width=32, head_width=8, mlp_ratio=4.0, patch_size=TINY_CLIP_PATCH,
-                           image_size=TINY_CLIP_IMAGE_SIZE)
-    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=4, layers=2)
+                           image_size=TINY_CLIP_IMAGE_SIZE, ls_init_value=ls_init_value)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=4, layers=2, ls_init_value=ls_init_value)
     model = CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text, quick_gelu=True)
     _init(model, seed)
     preprocess = open_clip.image_transform(TINY_CLIP_IMAGE_SIZE, is_train=False, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
