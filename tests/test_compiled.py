@@ -34,7 +34,8 @@ def test_compiled_harvest_equals_run_with_cache_and_restores(factory, hook_count
     assert ran == []
     for name in NAMES:
         assert torch.equal(first[name], reference[name])
-    assert torch.equal(second[NAMES[0]], reference_two[NAMES[0]][:, 1:])
+    # the short batch ran padded to the compiled size: another batch size, so float-close rather than bit-equal
+    torch.testing.assert_close(second[NAMES[0]], reference_two[NAMES[0]][:, 1:], atol=1e-6, rtol=1e-6)
     assert len(blocks_of(raw)) == 2 and hook_counts(raw) == before
     assert not any(hp.has_hooks() for hp in model.hook_dict.values())
 
