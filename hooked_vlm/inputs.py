@@ -101,7 +101,9 @@ def _rgb8(item: Any, index: int) -> Image.Image:
                 f"image {index}: a numpy image must be [H, W] or [H, W, C] with C in (1, 3, 4), got shape {item.shape}"
             )
         pixels = _uint8(item, index)
-        return Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels).convert("RGB")
+        return _pil_rgb8(
+            Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels), index
+        )
     raise TypeError(f"unsupported image input of type {type(item).__name__} (image {index}); expected {ACCEPTED}")
 
 
@@ -112,12 +114,12 @@ def _pil_rgb8(image: Image.Image, index: int) -> Image.Image:
         # Pillow's own convert("RGB") clips these modes to 0-255: 16-bit images turn white, [0, 1] floats black
         pixels = np.asarray(image)
         if image.mode == "F" and np.isfinite(pixels).all() and pixels.max(initial=0) > 1:
-            if pixels.min(initial=0) < 0 or pixels.max() > 255:
+            if pixels.min() < 0 or pixels.max() > 255:
                 raise ValueError(
                     f"image {index}: a PIL 'F' image must hold values in [0, 1] or Pillow's 0-255 scale, found "
                     f"[{pixels.min():.4g}, {pixels.max():.4g}]"
                 )
-            return Image.fromarray(np.rint(pixels).astype(np.uint8)).convert("RGB")
+            pixels = np.rint(pixels).astype(np.uint8)
         return Image.fromarray(_uint8(pixels, index)).convert("RGB")
     return image.convert("RGB")
 
@@ -171,9 +173,9 @@ def processor_part(processor: Any, part: str, what: str) -> Any:
     if isinstance(processor, {"image_processor": ImageProcessingMixin, "tokenizer": PreTrainedTokenizerBase}[part]):
         return processor
     raise TypeError(
-        f"preprocessing {what} needs {_PART_NAMES[part]}, and this model was wrapped with a bare {type(processor).__name__}, which "
-        f"has none: pass a processor with {_PART_NAMES[part]}, e.g. the checkpoint's own "
-        "(AutoProcessor.from_pretrained(name)), to HookedVLM.from_hf(model, processor)"
+        f"preprocessing {what} needs {_PART_NAMES[part]}, and this model was wrapped with a bare "
+        f"{type(processor).__name__}, which has none: pass a processor with {_PART_NAMES[part]}, e.g. the "
+        "checkpoint's own (AutoProcessor.from_pretrained(name)), to HookedVLM.from_hf(model, processor)"
     )
 
 
@@ -265,14 +267,15 @@ def to_model(kwargs: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
 
 
 def pixel_tensor(
-    inputs: Float[Tensor, "*batch 3 height width"], channels: int = 3
-) -> Float[Tensor, "batch 3 height width"]:
+    inputs: Float[Tensor, "*batch channels height width"], channels: int = 3
+) -> Float[Tensor, "batch channels height width"]:
     """Ready ``pixel_values``: ``[batch, C, H, W]`` (a single ``[C, H, W]`` image gets a batch axis), used as given.
 
     A floating tensor is taken as the processor's output, already normalised (as TransformerLens takes token
     tensors). NaN or infinite values are an error naming the image. A tensor whose values all lie in ``[0, 1]``
     looks like raw pixels (torchvision's ``ToTensor``) rather than normalised ones, which almost always have
     negatives (a CLIP-normalised black is -1.79): it warns (:class:`RawPixelsWarning`) and is still used as given.
+    A constant tensor (a placeholder such as ``torch.zeros``) does not warn.
     """
     if inputs.dim() == 3:
         inputs = inputs.unsqueeze(0)
@@ -280,13 +283,15 @@ def pixel_tensor(
         raise ValueError(f"pixel_values must be [batch, {channels}, H, W], got {tuple(inputs.shape)}")
     if not inputs.is_floating_point():
         raise TypeError(f"pixel_values must be a floating tensor (already normalised), got {inputs.dtype}")
+    if inputs.is_meta:  # shapes only: no values to check
+        return inputs
     finite = torch.isfinite(inputs).flatten(1).all(1)
     if not finite.all():
         raise ValueError(
             f"pixel_values of image {(~finite).nonzero().flatten().tolist()} hold non-finite values (NaN or inf)"
         )
     low, high = inputs.aminmax()
-    if low >= 0 and high <= 1:
+    if 0 <= low < high <= 1:  # a constant tensor (a torch.zeros placeholder) says nothing about its scale
         warnings.warn(
             "these pixel_values are all in [0, 1], like raw pixels (torchvision's ToTensor) rather than normalised "
             "ones, yet a float tensor reaches the model as it is, without the processor's normalisation. To have "

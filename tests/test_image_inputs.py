@@ -158,6 +158,7 @@ def test_pixel_tensor_checks():
         warnings.simplefilter("error")
         assert pixel_tensor(ready) is ready
         assert pixel_tensor(torch.full((3, 8, 8), -0.5)).shape == (1, 3, 8, 8)
+        pixel_tensor(torch.zeros(1, 3, 8, 8))  # a constant placeholder says nothing about its scale
     with pytest.warns(RawPixelsWarning):
         pixel_tensor(torch.rand(3, 8, 8))
     ready[1, 0, 2, 2] = float("nan")
