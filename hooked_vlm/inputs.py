@@ -47,8 +47,9 @@ def load_images(inputs: Any) -> list[Image.Image]:
     * **uint8** (numpy arrays, tensors, PIL ``L`` / ``RGB`` / ``RGBA`` / ``P`` …): 0-255, used as they are.
     * **float** numpy arrays: ``[0, 1]``, scaled by 255 and rounded (never rescaled a second time by the
       processor). Values outside ``[0, 1]`` are an error: divide 0-255 floats by 255 (or pass uint8).
-    * **16-bit** (``uint16`` arrays, PIL ``I;16``, 16-bit PNG and TIFF files): 0-65535, scaled to 0-255
-      (``round(v / 257)``, so an 8-bit value ``v`` stored as ``v * 257`` comes back exactly); never clipped.
+    * **16-bit** (``uint16`` arrays, PIL ``I;16``, 16-bit PNG and TIFF files): 0-65535, scaled to 0-255 by their
+      top 8 bits (``v >> 8``: 256 values a level, so an 8-bit ``v`` stored as ``v * 257`` or ``v * 256`` comes
+      back exactly); never clipped.
     * **other integers** with no bit depth of their own (``int32`` / ``int64`` arrays, PIL ``I``, whose values
       ``convert("I")`` leaves at 0-255): 8-bit if every value is within 0-255, else 16-bit if within 0-65535,
       else an error.
@@ -146,7 +147,7 @@ def _uint8(pixels: np.ndarray, index: int) -> np.ndarray:
         if not sixteen_bit and 0 <= low and high <= 255:
             return pixels.astype(np.uint8)
         if 0 <= low and high <= 65535:
-            return np.rint(pixels / 257).astype(np.uint8)
+            return (pixels >> 8).astype(np.uint8)
         raise ValueError(
             f"image {index}: integer pixels must be 8-bit (0-255) or 16-bit (0-65535), found [{low}, {high}]; "
             "scale them to uint8 yourself"
