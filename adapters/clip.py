@@ -22,7 +22,15 @@ import torch
 from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from hooked_vlm.adapter import BlockPaths, HFAdapter, Prepared, TowerInfo, block_hooks, register_adapter
-from hooked_vlm.inputs import check_type, is_processor_output, load_images, model_keywords, pixel_tensor, to_model
+from hooked_vlm.inputs import (
+    check_type,
+    is_pixel_values,
+    is_processor_output,
+    load_images,
+    model_keywords,
+    pixel_tensor,
+    to_model,
+)
 from hooked_vlm.layout import InputLayout, grid_tower, text_tower
 from hooked_vlm.taps import OutputTap, Tap
 
@@ -99,15 +107,16 @@ class CLIPAdapter(HFAdapter):
             model_kwargs = dict(inputs)
         else:
             model_kwargs = {}
-            if isinstance(inputs, torch.Tensor):
+            if is_pixel_values(inputs):
                 model_kwargs["pixel_values"] = pixel_tensor(inputs)
             elif inputs is not None:
-                model_kwargs["pixel_values"] = self.require_processor("images").image_processor(
+                model_kwargs["pixel_values"] = self.require_processor("images", "image_processor")(
                     images=load_images(inputs), return_tensors="pt"
                 )["pixel_values"]
             if text is not None:
                 texts = [text] if isinstance(text, str) else list(text)
-                model_kwargs |= dict(self.require_processor("text").tokenizer(texts, padding=True, return_tensors="pt"))
+                tokenizer = self.require_processor("text", "tokenizer")
+                model_kwargs |= dict(tokenizer(texts, padding=True, return_tensors="pt"))
         model_kwargs |= model_keywords(self.model, kwargs)
         if "input_ids" in model_kwargs and not isinstance(self.model, CLIPModel):
             raise TypeError(f"{type(self.model).__name__} has no text tower; text needs a CLIPModel")

@@ -42,7 +42,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from hooked_vlm.adapter import BlockPaths, HFAdapter, Prepared, TowerInfo, block_hooks, register_adapter
-from hooked_vlm.inputs import chat_prompts, check_type, is_processor_output, model_keywords, to_model
+from hooked_vlm.inputs import chat_prompts, check_type, is_pixel_values, is_processor_output, model_keywords, to_model
 from hooked_vlm.layout import InputLayout, Kind, TowerLayout, text_tower
 from hooked_vlm.taps import InputTap, InstanceOverride, OutputTap, Tap, submodule
 
@@ -314,7 +314,7 @@ class LlavaOnevisionAdapter(HFAdapter):
                 raise TypeError("processor outputs already hold the text; pass no prompt= or text= with them")
             model_kwargs = dict(inputs)
         else:
-            if isinstance(inputs, torch.Tensor):
+            if is_pixel_values(inputs):
                 raise TypeError(
                     "LLaVA-OneVision needs image sizes besides pixel_values: pass images, or the processor's outputs as a dict"
                 )

@@ -29,18 +29,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.factory import parse_model_name
 from open_clip.transformer import LayerScale, ResidualAttentionBlock, VisionTransformer
-from PIL import Image
 from torch import Tensor, nn
 
 from hooked_vlm.adapter import Adapter, Prepared, TowerInfo, register_adapter
 from hooked_vlm.head_results import per_head_results
-from hooked_vlm.inputs import check_type, is_processor_output, load_images, pixel_tensor, to_model
+from hooked_vlm.inputs import check_type, is_pixel_values, is_processor_output, load_images, pixel_tensor, to_model
 from hooked_vlm.layout import InputLayout, grid_tower, text_tower
 from hooked_vlm.taps import (
     BoundHookPoint,
@@ -202,15 +200,6 @@ def _tower_info(name: str, transformer: nn.Module) -> TowerInfo:
     )
 
 
-def _to_pil(image: Image.Image | np.ndarray) -> Image.Image:
-    """open_clip's preprocess resizes PIL images (torchvision's Resize takes no numpy arrays)."""
-    if isinstance(image, Image.Image):
-        return image
-    if image.dtype != np.uint8:
-        raise TypeError(f"numpy images for open_clip must be uint8 [H, W, C] (0-255), got {image.dtype}")
-    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-
-
 def _split_mapping(inputs: Mapping[str, Any], text: Any) -> tuple[Tensor | None, Any]:
     """``{"pixel_values": ..., "input_ids" or "text": ...}`` → ``(pixel_values, text)``."""
     unknown = set(inputs) - {"pixel_values", "input_ids", "text"}
@@ -331,18 +320,31 @@ class OpenCLIPAdapter(Adapter):
         if is_processor_output(inputs):
             inputs, text = _split_mapping(inputs, text)
         model_kwargs: dict[str, Tensor] = {}
-        if isinstance(inputs, Tensor):
+        if is_pixel_values(inputs):
             model_kwargs["pixel_values"] = pixel_tensor(inputs)
         elif inputs is not None:
-            preprocess = self.require_processor("images")[0]
-            model_kwargs["pixel_values"] = torch.stack([preprocess(_to_pil(image)) for image in load_images(inputs)])
+            preprocess = self._processor_part(0, "images")
+            model_kwargs["pixel_values"] = torch.stack([preprocess(image) for image in load_images(inputs)])
         if isinstance(text, Tensor):
             model_kwargs["input_ids"] = self._check_token_ids(text)
         elif text is not None:
-            model_kwargs["input_ids"] = self.require_processor("text")[1]([text] if isinstance(text, str) else list(text))
+            model_kwargs["input_ids"] = self._processor_part(1, "text")([text] if isinstance(text, str) else list(text))
         if not model_kwargs:
             raise ValueError("nothing to run: pass images (or pixel_values) and/or text=[...]")
         return Prepared(to_model(model_kwargs, self.model), partial(self._layout, model_kwargs))
+
+    def _processor_part(self, index: int, what: str) -> Any:
+        """``preprocess`` (0) or ``tokenizer`` (1) of the ``(preprocess, tokenizer)`` processor; a bare preprocess
+        transform (as ``open_clip.create_model_and_transforms`` returns it) is the processor for images alone."""
+        processor = self.require_processor(what)
+        if isinstance(processor, tuple):
+            return processor[index]
+        if index == 0:
+            return processor
+        raise TypeError(
+            f"preprocessing {what} needs open_clip's tokenizer, and this model was wrapped with a bare "
+            f"{type(processor).__name__}: pass (preprocess, open_clip.get_tokenizer(name)) as the processor"
+        )
 
     def _check_token_ids(self, input_ids: Tensor) -> Tensor:
         # encode_text adds every row of positional_embedding and applies the full-size causal mask

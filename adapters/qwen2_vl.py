@@ -41,7 +41,7 @@ from transformers import AttentionInterface, Qwen2VLForConditionalGeneration
 
 from hooked_vlm.adapter import BlockPaths, HFAdapter, Prepared, TowerInfo, block_hooks, register_adapter
 from hooked_vlm.attention import AttentionConfigView, AttentionFunctionTap, additive_mask, original_attention_function
-from hooked_vlm.inputs import chat_prompts, check_type, is_processor_output, model_keywords, to_model
+from hooked_vlm.inputs import chat_prompts, check_type, is_pixel_values, is_processor_output, model_keywords, to_model
 from hooked_vlm.layout import InputLayout, Kind, TowerLayout, text_tower
 from hooked_vlm.taps import IDENTITY, InputTap, InstanceOverride, OutputTap, RemoveEntry, Tap, View, submodule
 
@@ -351,7 +351,7 @@ class Qwen2VLAdapter(HFAdapter):
         return Prepared(to_model(model_kwargs, self.model), lambda: self._layout(model_kwargs))
 
     def _process(self, inputs, text, prompt, min_pixels, max_pixels) -> dict[str, Any]:
-        if isinstance(inputs, Tensor):
+        if is_pixel_values(inputs):
             raise TypeError("Qwen2-VL pixel_values need their image_grid_thw: pass images, or the processor's outputs as a dict")
         texts, images = chat_prompts(self.require_processor(), inputs, text, prompt)
         size = {}

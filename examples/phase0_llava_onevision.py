@@ -185,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     raw = model.raw_model
     tile_px = raw.config.vision_config.image_size
     image = load_images(args.image)[0] if args.image else sample_image(int(2.6 * tile_px), int(1.5 * tile_px))
-    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
     print(model)
     check(model.adapter.family == "llava_onevision", f"load: {args.model} → {type(raw).__name__}")
 

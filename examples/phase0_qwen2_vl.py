@@ -176,7 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     model = load(args)
     raw = model.raw_model
     image = load_images(args.image)[0] if args.image else sample_image(448, 336)
-    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
     second = half_and_half_image(448, 224)  # a second image: the vision tower packs both into one sequence
     print(model)
     check(model.adapter.family in ("qwen2_vl", "qwen2_5_vl"), f"load: {args.model} → {type(raw).__name__}")

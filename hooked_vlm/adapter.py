@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from hooked_vlm.attention import AttentionFunctionTap
+from hooked_vlm.inputs import processor_part
 from hooked_vlm.layout import InputLayout
 from hooked_vlm.taps import InputTap, OutputTap, ResidualSumTap, SplitHeads, Tap
 
@@ -188,14 +189,16 @@ class Adapter(abc.ABC):
         """Model inputs and their layout from images, ``text`` (captions / formatted text) and ``prompt``
         (chat messages), or from ready processor outputs; family keywords the model's forward takes pass through."""
 
-    def require_processor(self, what: str = "images and prompts") -> Any:
-        """The processor, or a clear error for a model wrapped without one."""
+    def require_processor(self, what: str = "images and prompts", part: str | None = None) -> Any:
+        """The processor, or a clear error for a model wrapped without one; with ``part`` (``"image_processor"``
+        or ``"tokenizer"``), that part of it (see :func:`~hooked_vlm.inputs.processor_part`: a bare image
+        processor or tokenizer is its own part)."""
         if self.processor is None:
             raise ValueError(
                 f"this model was wrapped without a processor, so {what} cannot be preprocessed here; pass "
                 "HookedVLM.from_hf(model, processor), or ready pixel_values / processor outputs as a dict"
             )
-        return self.processor
+        return self.processor if part is None else processor_part(self.processor, part, what)
 
     @abc.abstractmethod
     def forward(self, prepared: Prepared) -> Any:

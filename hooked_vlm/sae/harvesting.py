@@ -67,8 +67,7 @@ class ImageSource:
 
     def load(self, start: int, stop: int) -> list[Image.Image]:
         """Images ``start:stop`` as RGB PIL images (paths opened, arrays converted)."""
-        return [image if isinstance(image, Image.Image) else Image.fromarray(image)
-                for image in load_images(self._load(start, stop))]
+        return load_images(self._load(start, stop))
 
 
 def image_source(
