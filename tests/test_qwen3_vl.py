@@ -15,7 +15,7 @@ from transformers.models.qwen3_vl import modeling_qwen3_vl
 from hooked_vlm import HookedVLM
 from hooked_vlm.layout import Kind
 from hooked_vlm.testing import half_and_half_image, meta_model, real_size_inputs, sample_image
-from hooked_vlm.testing.qwen3_vl import tiny_qwen3_vl
+from hooked_vlm.testing.qwen3_vl import tiny_qwen3_vl, tiny_qwen3_vl_moe
 
 TOL = 1e-5
 SQUARE = sample_image(96, 96)  # 6×6 patches of 16 px, 3×3 merged tokens
@@ -540,3 +540,24 @@ def test_real_size_configs_on_meta(name, vision_sizes, lm_sizes, deepstack):
     assert raw.model.visual.deepstack_merger_list[0].linear_fc2.out_features == lm.d_model
     layout = model.prepare_inputs(real_size_inputs(model)).layout
     assert layout["vision"].shape == (1, 256) and layout["projector"].shape == (1, 64)  # 256 px: 16×16 patches
+
+
+def test_moe_variant_hooks_its_sparse_blocks_at_their_boundaries():
+    """Qwen3-VL-MoE: sparse MoE blocks (router + fused experts) have hook_mlp_out but no mlp.hook_pre/post; the
+    dense block of mlp_only_layers has them all; DeepStack is the same."""
+    raw, processor = tiny_qwen3_vl_moe()
+    model = HookedVLM.from_hf(raw, processor)
+    assert model.adapter.family == "qwen3_vl" and model.adapter.towers()[1].d_mlp is None
+    assert model.hook_names("lm.blocks.0.mlp.*") == [] and model.hook_names("lm.blocks.2.mlp.*") == []
+    assert model.hook_names("lm.blocks.1.mlp.*") == [f"lm.blocks.1.mlp.hook_{n}" for n in ("pre", "pre_linear", "post")]
+    prepared = model.prepare_inputs([SQUARE], prompt="x")
+    spec = {f"{i}": (f"model.language_model.layers.{i}.mlp", "out") for i in range(3)}
+    store, logits = run_with_direct_hooks(raw, prepared.kwargs, spec)
+    with torch.no_grad():
+        out, cache = model.run_with_cache(
+            prepared, names_filter=["lm.*.hook_mlp_out", "*.hook_deepstack"], stop_early=False
+        )
+    assert torch.equal(out, logits)
+    for i in range(3):
+        assert torch.equal(cache[f"lm.blocks.{i}.hook_mlp_out"], store[f"{i}"])
+    assert set(model.hook_names("*.hook_deepstack")) == {"lm.blocks.0.hook_deepstack", "lm.blocks.1.hook_deepstack"}

@@ -67,3 +67,25 @@ def tiny_qwen3_vl(seed: int = 0, attn_implementation: str = "sdpa"):
     model = Qwen3VLForConditionalGeneration(config)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     return _init(model, seed), processor
+
+
+def tiny_qwen3_vl_moe(seed: int = 0, attn_implementation: str = "sdpa"):
+    """A tiny random ``Qwen3VLMoeForConditionalGeneration`` (the 30B-A3B / 235B-A22B architecture): the tiny
+    Qwen3-VL with sparse MoE blocks (4 experts, 2 per token) in LM blocks 0 and 2 and a dense MLP in block 1
+    (``mlp_only_layers``), and the same processor."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    processor = qwen3_vl_processor()
+    dense = tiny_qwen3_vl_config(processor.tokenizer).to_dict()
+    sub_configs = {
+        key: {k: v for k, v in dense.pop(key).items() if k != "model_type"} for key in ("text_config", "vision_config")
+    }
+    sub_configs["text_config"] |= dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[1]
+    )
+    tokens = {k: dense[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    config = Qwen3VLMoeConfig(**sub_configs, **tokens)
+    config._attn_implementation = attn_implementation
+    model = Qwen3VLMoeForConditionalGeneration(config)
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    return _init(model, seed), processor
