@@ -91,7 +91,12 @@ class DeepstackTap(Tap):
 
         def add(hidden_states, visual_pos_masks, visual_embeds):
             # the model passes deepstack_visual_embeds[layer] itself: its identity names the layer
-            layer = next(k for k, e in enumerate(embeds) if e is visual_embeds)
+            layer = next((k for k, e in enumerate(embeds) if e is visual_embeds), None)
+            if layer is None:
+                raise RuntimeError(
+                    f"{hook_points[0].tap.module}._deepstack_process got features that are not among the "
+                    "deepstack_visual_embeds the language model was called with; hook_deepstack cannot name the layer"
+                )
             if layer not in by_layer:
                 return original(hidden_states, visual_pos_masks, visual_embeds)
             addition = hidden_states.new_zeros(hidden_states.shape)
