@@ -561,3 +561,35 @@ def test_moe_variant_hooks_its_sparse_blocks_at_their_boundaries():
     for i in range(3):
         assert torch.equal(cache[f"lm.blocks.{i}.hook_mlp_out"], store[f"{i}"])
     assert set(model.hook_names("*.hook_deepstack")) == {"lm.blocks.0.hook_deepstack", "lm.blocks.1.hook_deepstack"}
+
+
+def test_activation_patching_of_deepstack_and_lm_hooks_equals_hand_patches(qwen):
+    """Batched patching (the vision tower runs for every copy: the LM takes the DeepStack features too) equals
+    patching one cell at a time by hand with run_with_hooks."""
+    from hooked_vlm.patching import activation_patching
+    from hooked_vlm.readouts import LogitDiff
+
+    model, _, _ = qwen
+    readout = LogitDiff("A", "B", tokenizer=model)
+    clean, corrupted = (model.prepare_inputs(sample_image(96, 64, seed=s), prompt="Answer A or B.") for s in (0, 3))
+    hooks = ["lm.blocks.*.hook_deepstack", "lm.blocks.*.hook_resid_post"]
+    result = activation_patching(
+        model, clean, corrupted, readout, hooks, positions="image", batch_size=4, progress=False
+    )
+    image = clean.layout.mask("image", "lm.hook_embed")[0].nonzero()[:, 0]
+    assert result.values.shape == (5, len(image)) and (result.effect().abs() > 1e-4).any()
+    with torch.no_grad():
+        _, source = model.run_with_cache(clean, names_filter=["*.hook_deepstack", "lm.blocks.*.hook_resid_post"])
+    for row, name in enumerate(result.labels["hook"]):
+        for column in (0, len(image) - 1):
+            position = int(image[column])
+
+            def patch(x, hook, position=position):
+                x = x.clone()
+                x[:, position] = source[hook.name][:, position]
+                return x
+
+            with torch.no_grad():
+                logits = model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)])
+            by_hand = float(readout(logits, None).mean())
+            torch.testing.assert_close(float(result.values[row, column]), by_hand, atol=2e-5, rtol=0)
