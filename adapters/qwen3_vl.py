@@ -46,9 +46,10 @@ The packed order is the processor's 2×2 merge-unit order, as in Qwen2-VL (no wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from hooked_vlm.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from hooked_vlm.adapters.qwen2_vl import LM, LM_BLOCK, VISION, Packed, Qwen2VLAdapter, Qwen2VLLayout, _vision_block
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
@@ -158,26 +159,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     image_features_method = None
 
     def towers(self) -> list[TowerInfo]:
-        vision, text = self.model.config.vision_config, self.model.config.text_config
-        return [
-            TowerInfo(
-                name="vision",
-                n_layers=vision.depth,
-                d_model=vision.hidden_size,
-                n_heads=vision.num_heads,
-                d_head=vision.hidden_size // vision.num_heads,
-                d_mlp=vision.intermediate_size,
-            ),
-            TowerInfo(
-                name="lm",
-                n_layers=text.num_hidden_layers,
-                d_model=text.hidden_size,
-                n_heads=text.num_attention_heads,
-                d_head=text.head_dim,
-                n_kv_heads=text.num_key_value_heads,
-                d_mlp=None if self._moe else text.intermediate_size,
-            ),
-        ]
+        # the vision config has Qwen2.5-VL's fields; the LM's head_dim is its own config field, not hidden / heads
+        vision, lm = Qwen2_5_VLAdapter.towers(self)
+        text = self.model.config.text_config
+        return [vision, replace(lm, d_head=text.head_dim, d_mlp=None if self._moe else lm.d_mlp)]
 
     @property
     def _moe(self) -> bool:
