@@ -372,6 +372,20 @@ def test_removing_one_deepstack_level_matches_hf_without_it(qwen, inputs):
     assert not torch.allclose(both, without, atol=1e-3)
 
 
+def test_an_edit_of_a_deepstack_mergers_input_changes_only_what_deepstack_injects(qwen, inputs):
+    """projector.deepstack.0.hook_in is the merger's own input: editing it leaves vision block 1 and the main merger
+    alone, and changes deepstack level 0 only."""
+    model, _, _ = qwen
+    names = ["vision.blocks.1.hook_resid_post", "projector.hook_out", "projector.deepstack.0.hook_out"]
+    names += ["projector.deepstack.1.hook_out", "lm.hook_embed"]
+    with torch.no_grad():
+        _, base = model.run_with_cache(inputs, names_filter=names)
+        with model.hooks(fwd_hooks=[("projector.deepstack.0.hook_in", lambda x, hook: x * 2)]):
+            _, edited = model.run_with_cache(inputs, names_filter=names)
+    for name in names:
+        assert torch.equal(edited[name], base[name]) == (name != "projector.deepstack.0.hook_out"), name
+
+
 def test_deepstack_edit_at_one_text_position_changes_only_later_positions(qwen, inputs):
     """An edit is honoured where the model adds nothing too: a text position's addition, and only what follows."""
     model, raw, processor = qwen
