@@ -386,6 +386,27 @@ def test_an_edit_of_a_deepstack_mergers_input_changes_only_what_deepstack_inject
         assert torch.equal(edited[name], base[name]) == (name != "projector.deepstack.0.hook_out"), name
 
 
+def test_gradients_flow_through_the_deepstack_addition(qwen, inputs):
+    """The merger output reaches the LM only through the addition: its gradient is hook_deepstack's gradient at the
+    image tokens (attribution patching relies on it)."""
+    model, _, processor = qwen
+    kept = {}
+
+    def keep(x, hook):
+        kept[hook.name] = x = x.clone()
+        x.retain_grad()
+        return x
+
+    names = ["projector.deepstack.0.hook_out", "lm.blocks.0.hook_deepstack"]
+    logits = model.run_with_hooks(inputs, fwd_hooks=[(name, keep) for name in names])
+    logits[:, -1].sum().backward()
+    model.raw_model.zero_grad(set_to_none=True)
+    image = inputs["input_ids"] == processor.image_token_id
+    merger, added = (kept[name].grad for name in names)
+    assert merger.abs().max() > 0
+    assert torch.equal(merger[0], added[image])
+
+
 def test_deepstack_edit_at_one_text_position_changes_only_later_positions(qwen, inputs):
     """An edit is honoured where the model adds nothing too: a text position's addition, and only what follows."""
     model, raw, processor = qwen
