@@ -19,7 +19,7 @@ import sys
 import torch
 from PIL import Image
 
-from hooked_vlm import HookedVLM
+from hooked_vlm import HookedVLM, Kind
 from hooked_vlm.cli import record_shapes
 from hooked_vlm.inputs import load_images
 from hooked_vlm.plotting import attention_map, flow_diagram, head_grid, patch_heatmap
@@ -28,18 +28,33 @@ from hooked_vlm.testing import sample_image
 from common import Checklist, load, parser
 
 
-def library_hidden_states(model: HookedVLM, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def library_hidden_states(model: HookedVLM, prepared) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Every vision block's output and the image embedding, as the wrapped library computes them itself.
 
     The reference the hook test compares against: open_clip's ``forward_intermediates``, or Hugging Face's
-    ``output_hidden_states`` (``hidden_states[0]`` is the block-0 input, ``[i + 1]`` block i's output).
+    ``output_hidden_states`` (``hidden_states[0]`` is the block-0 input, ``[i + 1]`` block i's output). VLMs do
+    not return their vision tower's hidden states: there the blocks' outputs are recorded by plain PyTorch hooks
+    on the blocks during the wrapped model's own forward (what ``output_hidden_states`` records inside it).
     """
-    raw = model.raw_model
+    raw, pixel_values = model.raw_model, prepared.kwargs["pixel_values"]
     with torch.no_grad():
         if hasattr(raw, "visual"):  # open_clip
             out = raw.visual.forward_intermediates(pixel_values, output_fmt="NLC", output_extra_tokens=True)
             prefixes, patches = out["image_intermediates_prefix"], out["image_intermediates"]
             return [torch.cat(parts, dim=1) for parts in zip(prefixes, patches, strict=True)], out["image_features"]
+        if model.adapter.has_language_model:
+            outputs: list[torch.Tensor] = []
+            blocks = raw.get_submodule(model.adapter.block_list("vision"))
+            handles = [
+                block.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+                for block in blocks
+            ]
+            try:
+                model.adapter.forward(prepared)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return outputs, None
         vision = getattr(raw, "vision_model", raw)  # CLIPVisionModel is the vision model itself
         out = vision(pixel_values=pixel_values, output_hidden_states=True)
         projection = getattr(raw, "visual_projection", None)
@@ -111,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     embeds_name = "hook_image_embeds" if "hook_image_embeds" in names else None
     with torch.no_grad():
         _, cache = model.run_with_cache(prepared, names_filter=[*resid_names, *([embeds_name] if embeds_name else [])])
-    reference_blocks, reference_embeds = library_hidden_states(model, prepared.kwargs["pixel_values"])
-    errors = [relative_error(cache[name], ref) for name, ref in zip(resid_names, reference_blocks, strict=True)]
+    reference_blocks, reference_embeds = library_hidden_states(model, prepared)
+    errors = [  # packed towers (Qwen-VL) add a leading axis of 1 at the hook point
+        relative_error(cache[name], ref.reshape(cache[name].shape))
+        for name, ref in zip(resid_names, reference_blocks, strict=True)
+    ]
     for name, error in zip(resid_names, errors, strict=True):
         print(f"  {name}: max |cache − library| / max |library| = {error:.1e}")
     matches = max(errors) <= tolerance
@@ -124,20 +142,31 @@ def main(argv: list[str] | None = None) -> int:
                    f"(worst relative error {max(errors):.1e} ≤ {tolerance:.0e})")
 
     # Heatmaps over the part of the image the model sees. The layout maps sequence positions to (row, col).
-    view = model_view(image)
+    view = model_view(image) if model.adapter.centre_crops_images else image  # other processors resize it whole
     last = len(resid_names) - 1
     pattern_names = model.hook_names("vision.blocks.*.attn.hook_pattern")
     with torch.no_grad():
         _, patterns = model.run_with_cache(prepared, names_filter=pattern_names)  # stops after the last block's pattern
     pattern = patterns[pattern_names[last]]  # [batch, head, query, key]
-    from_cls = pattern[:, :, 0, :].transpose(1, 2)  # CLS row: [batch, key, head]
-    cls_grid = patterns.layout.image_grid(pattern_names[last], from_cls).mean(-1)  # [rows, cols]
-    attention_map(view, cls_grid, out / "cls_attention.png", title=f"CLS → patch attention, block {last}, mean over heads")
+    on_patches = patterns.layout.mask("patches", pattern_names[0])[0]  # [pos] bool
+    if (patterns.layout.tower_for(pattern_names[0]).kind == Kind.CLS).any():
+        received = pattern[:, :, 0, :].transpose(1, 2)  # CLS row: [batch, key, head]
+        what = "CLS → patch attention"
+        # [layer, head]: the share of CLS attention on patches
+        share = torch.stack([patterns[name][0, :, 0, on_patches].sum(-1) for name in pattern_names])
+        share_title, share_label = "share of CLS attention on patches", "share"
+    else:  # no CLS token: the attention each patch receives, averaged over the querying patches
+        received = pattern.mean(2).transpose(1, 2)
+        what = "attention received per patch"
+        # [layer, head]: how much a patch attends to itself, on average (a locality measure)
+        self_attention = [patterns[name][0].diagonal(dim1=-2, dim2=-1)[:, on_patches] for name in pattern_names]
+        share = torch.stack([a.mean(-1) for a in self_attention])
+        share_title, share_label = "mean attention of a patch to itself", "attention"
+    received_grid = patterns.layout.image_grid(pattern_names[last], received).mean(-1)  # [rows, cols]
+    attention_map(view, received_grid, out / "cls_attention.png", title=f"{what}, block {last}, mean over heads")
     patch_norms = cache.layout.image_grid(resid_names[last], cache[resid_names[last]]).norm(dim=-1)
     patch_heatmap(view, patch_norms, out / "patch_norm.png", title=f"‖resid_post‖ per patch, block {last}", label="L2 norm")
-    on_patches = patterns.layout.mask("patches", pattern_names[0])[0]  # [pos] bool
-    share = torch.stack([patterns[name][0, :, 0, on_patches].sum(-1) for name in pattern_names])  # [layer, head]
-    head_grid(share, out / "cls_attention_heads.png", title="share of CLS attention on patches", label="share")
+    head_grid(share, out / "cls_attention_heads.png", title=share_title, label=share_label)
     pngs = ["cls_attention.png", "patch_norm.png", "cls_attention_heads.png"]
     check(all((out / png).stat().st_size > 0 for png in pngs), f"heatmaps: {', '.join(str(out / png) for png in pngs)}")
 

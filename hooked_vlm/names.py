@@ -22,6 +22,8 @@ BLOCK_HOOKS: dict[str, tuple[str, str]] = {
     "ln1.hook_normalized": (RESID, "first norm output (the attention's input)"),
     "attn.hook_q": (HEADS, "queries per head, before RoPE"),
     "attn.hook_k": (HEADS, "keys per head, before RoPE (kv heads under GQA)"),
+    "attn.q_norm.hook_normalized": (HEADS, "queries per head after the per-head QK norm, before RoPE (Qwen3)"),
+    "attn.k_norm.hook_normalized": (HEADS, "keys per head after the per-head QK norm, before RoPE (Qwen3)"),
     "attn.hook_v": (HEADS, "values per head (kv heads under GQA)"),
     "attn.hook_rot_q": (HEADS, "queries after RoPE (models with RoPE)"),
     "attn.hook_rot_k": (HEADS, "keys after RoPE (models with RoPE; kv heads under GQA)"),
@@ -37,6 +39,11 @@ BLOCK_HOOKS: dict[str, tuple[str, str]] = {
     "mlp.hook_post": (MLP, "MLP post-activation (the down projection's input)"),
     "hook_mlp_out": (RESID, "MLP output"),
     "hook_resid_post": (RESID, "block output (residual stream)"),
+    "hook_deepstack": (
+        RESID,
+        "vision features added to the residual stream after this block (Qwen3-VL DeepStack; zero off the image "
+        "tokens): the next block's resid_pre is hook_resid_post + this",
+    ),
 }
 
 #: Tower- and model-level hooks, keyed by their full name.
@@ -45,6 +52,7 @@ MODEL_HOOKS: dict[str, tuple[str, str]] = {
         "[batch, pos, d_vision]",
         "patch + position embeddings, the vision blocks' input (CLS included where the model has one)",
     ),
+    "vision.hook_patch_embed": ("[batch, pos, d_vision]", "patch embeddings alone, before position embeddings"),
     "vision.ln_pre.hook_normalized": ("[batch, pos, d_vision]", "norm applied to the embeddings before block 0 (CLIP)"),
     "vision.hook_out": (
         "[batch, d_vision] or [batch, pos, d_vision]",
@@ -69,6 +77,22 @@ MODEL_HOOKS: dict[str, tuple[str, str]] = {
     "text.ln_final.hook_normalized": ("[batch, seq, d_text]", "text tower final norm output"),
     "hook_image_embeds": ("[batch, d_embed]", "image embedding: the pooled vision feature through the visual projection"),
     "hook_text_embeds": ("[batch, d_embed]", "text embedding: the pooled text feature through the text projection"),
+}
+
+#: Indexed copies of a tower-level stage, keyed with ``{k}`` for the index (``projector.deepstack.{k}.hook_out``).
+INDEXED_HOOKS: dict[str, tuple[str, str]] = {
+    "projector.deepstack.{k}.hook_in": ("[batch, pos, d_vision]", "DeepStack merger k's input (a vision block output)"),
+    "projector.deepstack.{k}.hook_merged": (
+        "[batch, pos / 4, 4 · d_vision]",
+        "DeepStack merger k: each 2×2 window of patches concatenated, before its norm",
+    ),
+    "projector.deepstack.{k}.ln.hook_normalized": ("[batch, pos / 4, 4 · d_vision]", "DeepStack merger k's norm"),
+    "projector.deepstack.{k}.hook_pre": ("[batch, pos, d_hidden]", "DeepStack merger k's MLP pre-activation"),
+    "projector.deepstack.{k}.hook_post": ("[batch, pos, d_hidden]", "DeepStack merger k's MLP post-activation"),
+    "projector.deepstack.{k}.hook_out": (
+        "[batch, pos, d_lm]",
+        "DeepStack merger k's output: the rows added to the LM's residual stream at the image tokens after LM block k",
+    ),
 }
 
 #: per-block suffixes whose value is ``[batch, pos, d_model]`` on the residual stream (where an SAE or a steering
@@ -97,6 +121,9 @@ def describe_hook(name: str) -> tuple[str, str]:
         return BLOCK_HOOKS[key]
     if name in MODEL_HOOKS:
         return MODEL_HOOKS[name]
+    indexed = re.sub(r"\.\d+\.", ".{k}.", name, count=1)
+    if indexed in INDEXED_HOOKS:
+        return INDEXED_HOOKS[indexed]
     # A tower-level stage built like a block part (``projector.mlp.hook_pre``) means what that part means.
     prefix, _, local = name.partition(".")
     if local in BLOCK_HOOKS:

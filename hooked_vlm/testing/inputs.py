@@ -39,7 +39,7 @@ def real_size_inputs(model: Any, *, seed: int = 0, image_seed: int | None = None
             "pixel_values": torch.randn(1, packing.n_tiles, 3, side, side, generator=generator),
             "image_sizes": image_sizes,
         }
-    if family in ("qwen2_vl", "qwen2_5_vl"):  # same processor outputs
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):  # same processor outputs
         vision = config.vision_config
         grid = (1, 16, 16)
         n_patches = grid[1] * grid[2]
@@ -55,7 +55,9 @@ def real_size_inputs(model: Any, *, seed: int = 0, image_seed: int | None = None
             "pixel_values": torch.randn(n_patches, patch, generator=generator),
             "image_grid_thw": torch.tensor([grid]),
         }
-    raise ValueError(f"real_size_inputs builds LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL inputs, not {family!r}")
+    raise ValueError(
+        f"real_size_inputs builds LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and Qwen3-VL inputs, not {family!r}"
+    )
 
 
 def _random_text(model: Any, n: int, seed: int) -> torch.Tensor:

@@ -35,16 +35,21 @@ CHAT_TEMPLATE = (
 
 
 def qwen2_vl_processor(
-    min_pixels: int = TINY_QWEN2_VL_MIN_PIXELS, max_pixels: int = TINY_QWEN2_VL_MAX_PIXELS, processor_class=None
+    min_pixels: int = TINY_QWEN2_VL_MIN_PIXELS,
+    max_pixels: int = TINY_QWEN2_VL_MAX_PIXELS,
+    processor_class=None,
+    patch_size: int = 14,
+    video_processor=None,
 ):
     """``Qwen2VLProcessor`` (or ``processor_class``, for the later Qwen-VL families that share its parts) for the
-    tiny model: the real image processor, byte tokenizer, small chat template."""
+    tiny model: the real image processor, byte tokenizer, small chat template. Later families change the patch
+    size (Qwen3-VL: 16 px) and the video processor."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     return (processor_class or Qwen2VLProcessor)(
-        image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels),
+        image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size),
         tokenizer=qwen2_tokenizer(SPECIAL_TOKENS),
-        video_processor=Qwen2VLVideoProcessor(),
+        video_processor=video_processor or Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
     )
 
