@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from transformer_lens.utils import Slice
 
 from hooked_vlm.head_results import HeadResultTap, per_head_results
+from hooked_vlm.names import RESIDUAL_WRITES
 from hooked_vlm.taps import submodule
 
 if TYPE_CHECKING:
@@ -248,6 +249,9 @@ def decompose_resid(
         if mode != "attn":
             parts.append(_get(cache, t.hook(i, "hook_mlp_out")))
             labels.append(f"{i}_mlp_out")
+    if mode == "all":
+        writes, write_labels = _residual_writes(cache, t, layer)
+        parts, labels = parts + writes, labels + write_labels
     if mlp_input and mode != "mlp" and layer < t.n_layers:
         parts.append(_get(cache, t.hook(layer, "hook_attn_out")))
         labels.append(f"{layer}_attn_out")
@@ -255,6 +259,19 @@ def decompose_resid(
     if apply_ln:
         stack = apply_ln_to_stack(cache, stack, layer, mlp_input=mlp_input, pos_slice=pos_slice, tower=t.name)
     return (stack, labels) if return_labels else stack
+
+
+def _residual_writes(cache: ActivationCache, t: Tower, layer: int) -> tuple[list[Tensor], list[str]]:
+    """What enters the residual stream between the blocks before ``layer`` outside them (Qwen3-VL's DeepStack
+    features, :data:`~hooked_vlm.names.RESIDUAL_WRITES`), labelled ``{l}_deepstack``. A write after the last block
+    is not in its ``resid_post``, so it is left out."""
+    parts, labels = [], []
+    for i in range(min(layer, t.n_layers - 1)):
+        for leaf in RESIDUAL_WRITES:
+            if t.hook(i, leaf) in t.model.hook_dict:
+                parts.append(_get(cache, t.hook(i, leaf)))
+                labels.append(f"{i}_{leaf.removeprefix('hook_')}")
+    return parts, labels
 
 
 def stack_head_results(
@@ -302,8 +319,8 @@ def get_full_resid_decomposition(
     project_output_onto: Tensor | None = None,
     tower: str | None = None,
 ):
-    """``[n, batch, pos, d]``: every head (``L{l}H{h}``), every MLP (``{l}_mlp_out``), ``embed`` and ``bias`` (the
-    attention output biases); sums exactly to ``resid_pre`` of ``layer`` (``resid_mid`` with ``mlp_input``; the
+    """``[n, batch, pos, d]``: every head (``L{l}H{h}``), every MLP (``{l}_mlp_out``), writes between blocks
+    (``{l}_deepstack``), ``embed`` and ``bias`` (the attention output biases); sums exactly to ``resid_pre`` of ``layer`` (``resid_mid`` with ``mlp_input``; the
     final ``resid_post`` by default). ``project_output_onto`` (``[d]`` or ``[d, k]``) projects each component."""
     if expand_neurons:
         raise NotImplementedError("expand_neurons=True (per-neuron MLP results) is not offered; pass expand_neurons=False")
@@ -315,14 +332,16 @@ def get_full_resid_decomposition(
     mlps, mlp_labels = decompose_resid(
         cache, layer, mode="mlp", incl_embeds=False, pos_slice=pos_slice, return_labels=True, tower=t.name
     ) if layer > 0 else (heads[:0], [])
+    writes, write_labels = _residual_writes(cache, t, layer)
+    writes = [pos_slice.apply(w, dim=-2)[None] for w in writes]
     embed = pos_slice.apply(_get(cache, t.hook(0, "hook_resid_pre")), dim=-2)[None]
     bias = torch.zeros_like(embed[0, ..., :])
     for i in range(head_layers):
         b = t.out_proj(i)[1]
         if b is not None:
             bias = bias + b.to(bias.device, bias.dtype)
-    stack = torch.cat([heads, mlps, embed, bias[None]])
-    labels = [*labels, *mlp_labels, "embed", "bias"]
+    stack = torch.cat([heads, mlps, *writes, embed, bias[None]])
+    labels = [*labels, *mlp_labels, *write_labels, "embed", "bias"]
     if apply_ln:
         stack = apply_ln_to_stack(cache, stack, layer, mlp_input=mlp_input, pos_slice=pos_slice, tower=t.name)
     if project_output_onto is not None:
@@ -508,7 +527,7 @@ def _packed_positions(name: str, value: Tensor, positions: Tensor, length: int) 
 
 def needed_hooks(tower: str = "*", heads: bool = True) -> list[str]:
     """Glob patterns of the hooks the decompositions of ``tower`` read (pass as ``names_filter``)."""
-    leaves = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"]
+    leaves = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", *RESIDUAL_WRITES]
     if heads:
         leaves.append("attn.hook_result")
     return [f"{tower}.blocks.*.{leaf}" for leaf in leaves]

@@ -12,6 +12,9 @@ from __future__ import annotations
 import re
 
 RESID = "[batch, pos, d]"
+#: block hooks that write into the residual stream between blocks (``resid_pre[l + 1] = resid_post[l] + write``):
+#: decompositions count each as a component of its own
+RESIDUAL_WRITES = ("hook_deepstack",)
 HEADS = "[batch, pos, head, d_head]"
 SCORES = "[batch, head, q_pos, k_pos]"
 MLP = "[batch, pos, d_mlp]"

@@ -15,7 +15,7 @@ from hooked_vlm.utils import act_name
 ATOL = 1e-4
 #: every family, and open_clip with LayerScale (random scales) after every attention and MLP
 FACTORIES = {**TINY_MODELS, "open_clip_ls": partial(TINY_MODELS["open_clip"], ls_init_value=0.5)}
-FAMILIES = ["clip", "open_clip", "open_clip_ls", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["clip", "open_clip", "open_clip_ls", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 TWO_TOWERS = ("clip", "open_clip", "open_clip_ls")
 PROMPT = "What is in the picture?"
 
@@ -153,7 +153,9 @@ def test_full_decomposition_sums_to_the_final_residual(family, tower):
     _, _, cache = get(family)
     stack, labels = cache.get_full_resid_decomposition(tower=tower, return_labels=True)
     t = Tower(cache.model, tower)
-    assert len(labels) == stack.shape[0] == t.n_layers * t.n_heads + t.n_layers + 2
+    writes = [label for label in labels if label.endswith("_deepstack")]  # Qwen3-VL's injections into the LM
+    assert bool(writes) == ((family, tower) == ("qwen3_vl", "lm"))
+    assert len(labels) == stack.shape[0] == t.n_layers * t.n_heads + t.n_layers + len(writes) + 2
     assert labels[0] == "L0H0" and labels[-2:] == ["embed", "bias"] and f"{t.n_layers - 1}_mlp_out" in labels
     torch.testing.assert_close(stack.sum(0), _final(cache, tower), atol=ATOL, rtol=0)
     # and at an intermediate layer: the residual entering block 1 (resid_mid with mlp_input)
@@ -180,6 +182,8 @@ NORMED = {
     ("qwen2_vl", "lm"): ("lm.ln_final.hook_normalized", None),
     ("qwen2_5_vl", "vision"): ("projector.ln.hook_normalized", None),
     ("qwen2_5_vl", "lm"): ("lm.ln_final.hook_normalized", None),
+    ("qwen3_vl", "vision"): ("projector.ln.hook_normalized", None),
+    ("qwen3_vl", "lm"): ("lm.ln_final.hook_normalized", None),
 }
 
 
