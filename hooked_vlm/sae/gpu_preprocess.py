@@ -111,25 +111,32 @@ def device_transform(processor: Any) -> Callable[[list[Tensor]], Float[Tensor, "
     steps = getattr(image_processor, "transforms", None)
     if steps is not None:
         return _compose_transform(steps)
-    raise ValueError(f"preprocess='gpu' runs fixed-size processors (resize, crop, normalise); {type(image_processor).__name__} "
-                     "is not one: use preprocess='processor'")
+    raise ValueError(
+        f"preprocess='gpu' runs fixed-size processors (resize, crop, normalise); {type(image_processor).__name__} "
+        "is not one: use preprocess='processor'"
+    )
 
 
 def _hf_transform(image_processor: Any) -> Callable[[list[Tensor]], Tensor] | None:
     try:
-        from transformers.image_processing_backends import TorchvisionBackend
+        from transformers.image_processing_backends import PilBackend, TorchvisionBackend
     except ImportError:  # transformers without the torchvision backend
         return None
     if not hasattr(image_processor, "_preprocess") or not hasattr(image_processor, "image_mean"):
         return None
     name = type(image_processor).__name__
+    plain = (TorchvisionBackend._preprocess, PilBackend._preprocess)
+    if type(image_processor)._preprocess not in plain or getattr(image_processor, "do_pad", False):
+        raise ValueError(
+            f"preprocess='gpu' runs fixed-size processors (resize, crop, normalise); {name} tiles, pads "
+            "or resizes per image: use preprocess='processor'"
+        )
     if not isinstance(image_processor, TorchvisionBackend):
-        raise ValueError(f"preprocess='gpu' calls the image processor on device tensors, which {name} (not of the "
-                         "torchvision backend) cannot take: load the checkpoint's default (torchvision) processor, or "
-                         "use preprocess='processor'")
-    if type(image_processor)._preprocess is not TorchvisionBackend._preprocess or getattr(image_processor, "do_pad", False):
-        raise ValueError(f"preprocess='gpu' runs fixed-size processors (resize, crop, normalise); {name} tiles, pads "
-                         "or resizes per image: use preprocess='processor'")
+        raise ValueError(
+            f"preprocess='gpu' calls the image processor on device tensors, which {name} (not of the "
+            "torchvision backend) cannot take: load the checkpoint's default (torchvision) processor, or "
+            "use preprocess='processor'"
+        )
 
     def transform(images: list[Tensor]) -> Tensor:
         return image_processor(images=images, device=images[0].device, return_tensors="pt")["pixel_values"]
@@ -140,11 +147,16 @@ def _hf_transform(image_processor: Any) -> Callable[[list[Tensor]], Tensor] | No
 def _compose_transform(steps: list[Any]) -> Callable[[list[Tensor]], Tensor]:
     from torchvision import transforms as T
 
-    unknown = [step for step in steps
-               if not isinstance(step, (T.Resize, T.CenterCrop, T.ToTensor, T.Normalize)) and not _is_rgb_conversion(step)]
+    unknown = [
+        step
+        for step in steps
+        if not isinstance(step, (T.Resize, T.CenterCrop, T.ToTensor, T.Normalize)) and not _is_rgb_conversion(step)
+    ]
     if unknown:
-        raise ValueError(f"preprocess='gpu' runs Resize, CenterCrop, ToTensor and Normalize; this preprocess also has "
-                         f"{unknown}: use preprocess='processor'")
+        raise ValueError(
+            f"preprocess='gpu' runs Resize, CenterCrop, ToTensor and Normalize; this preprocess also has "
+            f"{unknown}: use preprocess='processor'"
+        )
 
     def transform(images: list[Tensor]) -> Tensor:
         outputs: list[Tensor | None] = [None] * len(images)
@@ -174,5 +186,7 @@ def check_device(device: torch.device) -> None:
     """``preprocess='gpu'`` decodes with nvJPEG: a clear error when the model is not on a CUDA device."""
     if device.type != "cuda":
         detail = "no CUDA device is present" if not torch.cuda.is_available() else f"the model is on {device}"
-        raise RuntimeError(f"preprocess='gpu' decodes and preprocesses on a CUDA device, but {detail}; use "
-                           "preprocess='processor' (the CPU path, with workers= for speed)")
+        raise RuntimeError(
+            f"preprocess='gpu' decodes and preprocesses on a CUDA device, but {detail}; use "
+            "preprocess='processor' (the CPU path, with workers= for speed)"
+        )

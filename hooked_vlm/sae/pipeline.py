@@ -84,8 +84,14 @@ def _in_worker() -> None:
 class _Forwards(Dataset):
     """Item ``i``: the CPU model inputs (and layout) of images ``bounds[i]`` of ``source``."""
 
-    def __init__(self, model: HookedVLM, source: ImageSource, prompt: str | None, bounds: list[tuple[int, int]],
-                 with_layout: bool = True):
+    def __init__(
+        self,
+        model: HookedVLM,
+        source: ImageSource,
+        prompt: str | None,
+        bounds: list[tuple[int, int]],
+        with_layout: bool = True,
+    ):
         self.model, self.source, self.prompt, self.bounds, self.with_layout = model, source, prompt, bounds, with_layout
 
     def __len__(self) -> int:
@@ -95,8 +101,7 @@ class _Forwards(Dataset):
         from hooked_vlm.sae.harvesting import model_inputs
 
         _in_worker()
-        prepared = self.model.prepare_inputs(**model_inputs(self.model, self.source.load(*self.bounds[i]),
-                                                            self.prompt))
+        prepared = self.model.prepare_inputs(**model_inputs(self.model, self.source.load(*self.bounds[i]), self.prompt))
         return prepared.kwargs, prepared.layout if self.with_layout else None
 
 
@@ -143,8 +148,16 @@ class BatchLoader:
     time it is iterated (see the module docstring). ``workers`` processes load (0: a thread of this process, for
     ``preprocess="gpu"`` only); they stay up between passes until the loader is closed or dropped."""
 
-    def __init__(self, model: HookedVLM, source: ImageSource, prompt: str | None, bounds: list[tuple[int, int]],
-                 workers: int, preprocess: str = "processor", prefetch_factor: int = 2):
+    def __init__(
+        self,
+        model: HookedVLM,
+        source: ImageSource,
+        prompt: str | None,
+        bounds: list[tuple[int, int]],
+        workers: int,
+        preprocess: str = "processor",
+        prefetch_factor: int = 2,
+    ):
         from hooked_vlm.sae.harvesting import has_language_model
 
         if preprocess not in PREPROCESS:
@@ -197,7 +210,9 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Prepared]:
         if not self.bounds:
             return
-        items = iter(self.loader) if self.loader is not None else map(self.dataset.__getitem__, range(len(self.dataset)))
+        items = (
+            iter(self.loader) if self.loader is not None else map(self.dataset.__getitem__, range(len(self.dataset)))
+        )
         if self.transform is not None:
             yield from self._on_device(items)
         elif self.chunks is not None:
