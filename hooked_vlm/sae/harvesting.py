@@ -267,26 +267,27 @@ def _compiled_tower(
     Compiling CLIP-L/14 with inductor took 15–95 s on an H100 and an H200 (mode and attention kernels), and saves
     about 0.07 ms per image there (3,019 against 2,510 images/s): it is made up after about 200,000–1,300,000
     images, so a harvest of fewer than :data:`COMPILE_PAYS_OFF_IMAGES` images (``n_images``; ``None``: an endless
-    stream) runs eager and says so in a log line, unless ``compiled="always"``. Other backends (``"eager"``,
-    ``"aot_eager"``) compile in a moment and always run.
+    stream) runs eager and says so in a log line, unless ``compiled="always"`` (or a dict of ``torch.compile``
+    arguments with ``"min_images"``: the threshold). Other backends (``"eager"``, ``"aot_eager"``) compile in a
+    moment and always run.
     """
     if not compiled:
         yield None
         return
     if compiled not in (True, "always") and not isinstance(compiled, dict):
         raise ValueError(f"compiled={compiled!r}: give True, 'always', a dict of torch.compile arguments, or False")
-    kwargs = compiled if isinstance(compiled, dict) else None
-    backend = (kwargs or {}).get("backend", "inductor")
-    if compiled != "always" and backend == "inductor" and n_images is not None and n_images < COMPILE_PAYS_OFF_IMAGES:
+    kwargs = dict(compiled) if isinstance(compiled, dict) else {}
+    min_images = kwargs.pop("min_images", 0 if compiled == "always" else COMPILE_PAYS_OFF_IMAGES)
+    if kwargs.get("backend", "inductor") == "inductor" and n_images is not None and n_images < min_images:
         logging.getLogger("hooked_vlm.compiled").warning(
             "compiled harvest not worth it for %d images: compiling costs 15-95 s and saves about 0.07 ms per image "
             "(CLIP-L/14, H200), so it pays off from about %d images; running eager (compiled='always' compiles "
-            "anyway)", n_images, COMPILE_PAYS_OFF_IMAGES)
+            "anyway)", n_images, min_images)
         yield None
         return
     from hooked_vlm.compiled import CompiledHarvest
 
-    with CompiledHarvest(model, names, compile_kwargs=kwargs) as tower:
+    with CompiledHarvest(model, names, compile_kwargs=kwargs or None) as tower:
         yield tower
 
 
@@ -400,7 +401,7 @@ def harvest(
     truncated after the deepest hook, through ``torch.compile``; a dict gives ``torch.compile`` arguments): for
     long harvests of one tower of the families that support it (CLIP), on a GPU. Below
     :data:`COMPILE_PAYS_OFF_IMAGES` images the compile time is not made up and the harvest runs eager (a log line
-    says so); ``compiled="always"`` compiles anyway.
+    says so); ``compiled="always"`` compiles anyway (in a dict: ``"min_images": 0``).
 
     ``prefetch`` loads and prepares the next batch in a worker thread while the current forward runs (the rows
     are the same either way); the image source is then read from that thread, which lists, folders and datasets
