@@ -12,6 +12,8 @@ said otherwise; hook ``vision.blocks.{layer}.hook_resid_post``, ``patches``):
 * ``decode_one_thread`` / ``decode_processor_one_thread``: PIL decode, and decode + ``CLIPImageProcessor``, in the
   main thread (first 512 files);
 * ``harvest_thread_prefetch``: :func:`hooked_vlm.sae.harvest` over the folder, ``workers=0`` (one prefetch thread);
+* ``loader_only_workers`` / ``loader_only_gpu_preprocess``: :class:`~hooked_vlm.sae.pipeline.BatchLoader` alone
+  (batches prepared and on the device, no forward): how fast loading is by itself;
 * ``harvest_workers``: the same with ``workers=W`` loading processes (default: every core but one), each batch
   cut into one chunk per worker;
 * ``harvest_gpu_preprocess``: ``preprocess="gpu"``, the W workers only reading file bytes (nvJPEG decode and the
@@ -35,8 +37,11 @@ Results: JSON under ``$OUT`` (default out/benchmarks), ``bench_e2e_harvest.json`
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import shutil
 import sys
 import tempfile
@@ -54,7 +59,8 @@ from bench_clip import HF_NAME, build_clip  # noqa: E402
 
 from hooked_vlm import HookedVLM  # noqa: E402
 from hooked_vlm.sae import harvest, harvest_to_store  # noqa: E402
-from hooked_vlm.sae.pipeline import default_workers  # noqa: E402
+from hooked_vlm.sae.harvesting import image_source  # noqa: E402
+from hooked_vlm.sae.pipeline import BatchLoader, default_workers  # noqa: E402
 
 
 def _write_jpeg(args: tuple[Path, int]) -> None:
@@ -144,6 +150,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--skip", nargs="*", default=[], help="row names to leave out")
     parser.add_argument("--store-root", help="folder for the stores (default: the images' temporary folder)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the harvest rows' main thread into $OUT")
     parser.add_argument("--llava", action="store_true", help="also the LLaVA-OneVision-0.5b vision-hook rows")
     parser.add_argument("--llava-images", type=int, default=1024)
     parser.add_argument("--llava-batch", type=int, default=32)
@@ -206,11 +213,39 @@ def main() -> None:
             sync(args.device)
             return rate(n, time.perf_counter() - start)
 
+        def timed_loader(**kwargs) -> dict:
+            """The loader alone (no forwards): how fast batches arrive, prepared, on the device."""
+            bounds = [(i, min(i + args.batch, len(paths))) for i in range(0, len(paths), args.batch)]
+            sync(args.device)
+            start = time.perf_counter()
+            loader = BatchLoader(model, image_source(folder), None, bounds, args.workers, **kwargs)
+            for _ in loader:
+                pass
+            sync(args.device)
+            loader.close()
+            return rate(len(paths), time.perf_counter() - start)
+
+        def profiled(name: str, run) -> dict:
+            """``run()`` under cProfile (main thread); the top of the profile goes to $OUT/profile_<name>.txt."""
+            if not args.profile:
+                return run()
+            profile = cProfile.Profile()
+            value = profile.runcall(run)
+            text = io.StringIO()
+            pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+            out = Path(os.environ.get("OUT", "out/benchmarks"))
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"profile_{name}.txt").write_text(text.getvalue())
+            return value
+
         if "harvest_thread_prefetch" not in args.skip:
             report("harvest_thread_prefetch", timed_harvest(workers=0))
-        report("harvest_workers", timed_harvest(workers=args.workers))
+        report("loader_only_workers", timed_loader())
+        report("harvest_workers", profiled("harvest_workers", lambda: timed_harvest(workers=args.workers)))
         if args.device == "cuda":
-            report("harvest_gpu_preprocess", timed_harvest(workers=args.workers, preprocess="gpu"))
+            report("loader_only_gpu_preprocess", timed_loader(preprocess="gpu"))
+            report("harvest_gpu_preprocess", profiled(
+                "harvest_gpu_preprocess", lambda: timed_harvest(workers=args.workers, preprocess="gpu")))
         store_root = Path(args.store_root or tmp)
 
         def timed_store(name: str, **kwargs) -> None:

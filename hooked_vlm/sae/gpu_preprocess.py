@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float, UInt8
+from jaxtyping import Float, Int64, UInt8
 from PIL import Image
 from torch import Tensor
 
@@ -58,6 +58,25 @@ def raw_image(item: Any) -> UInt8[Tensor, "*shape"]:
         array = np.repeat(item, 3, axis=-1) if item.shape[-1] == 1 else item[..., :3]
         return torch.from_numpy(np.array(array)).permute(2, 0, 1).contiguous()
     raise TypeError(f"preprocess='gpu' takes image files, PIL images or arrays, not {type(item).__name__}")
+
+
+def pack(raw: list[Tensor]) -> tuple[UInt8[Tensor, " total"], Int64[Tensor, "n 3"]]:
+    """The :func:`raw_image` tensors of a batch as one buffer and ``(offset, height, width)`` per image (height
+    and width -1 for JPEG bytes): a worker then hands over two tensors a batch, not one shared-memory file per
+    image, whose passing dominated the loading of small items."""
+    flat = [item.reshape(-1) for item in raw]
+    offsets = torch.tensor([0, *[len(f) for f in flat]]).cumsum(0)[:-1]
+    sizes = torch.tensor([item.shape[1:] if item.dim() == 3 else (-1, -1) for item in raw], dtype=torch.int64)
+    return torch.cat(flat), torch.cat([offsets[:, None], sizes.reshape(len(raw), 2)], 1)
+
+
+def unpack(data: Tensor, meta: Tensor) -> list[Tensor]:
+    """The tensors :func:`pack` joined, as views of ``data``."""
+    ends = [*meta[1:, 0].tolist(), len(data)]
+    return [
+        data[start:end] if height < 0 else data[start:end].view(3, height, width)
+        for (start, height, width), end in zip(meta.tolist(), ends, strict=True)
+    ]
 
 
 def decode(raw: list[Tensor], device: torch.device) -> list[UInt8[Tensor, "3 h w"]]:

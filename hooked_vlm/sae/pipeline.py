@@ -114,10 +114,10 @@ class _RawImages(Dataset):
     def __len__(self) -> int:
         return len(self.bounds)
 
-    def __getitem__(self, i: int) -> list[Tensor]:
-        from hooked_vlm.sae.gpu_preprocess import raw_image
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        from hooked_vlm.sae.gpu_preprocess import pack, raw_image
 
-        return [raw_image(item) for item in self.source.raw(*self.bounds[i])]
+        return pack([raw_image(item) for item in self.source.raw(*self.bounds[i])])
 
 
 def _to_model(kwargs: dict[str, Any], device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
@@ -228,18 +228,18 @@ class BatchLoader:
             kwargs = _to_model(_joined(parts, pin), self.device, self.dtype)
             yield self.model.prepare_inputs(kwargs)  # a processor output: the layout from its shapes, lazily
 
-    def _on_device(self, items: Iterator[list[Tensor]]) -> Iterator[Prepared]:
+    def _on_device(self, items: Iterator[tuple[Tensor, Tensor]]) -> Iterator[Prepared]:
         """Decode and preprocess batch ``i + 1`` on a side stream, in a thread, while batch ``i`` runs."""
-        from hooked_vlm.sae.gpu_preprocess import decode
+        from hooked_vlm.sae.gpu_preprocess import decode, unpack
 
         stream = torch.cuda.Stream(self.device)
 
         def prepare() -> tuple[Tensor, torch.cuda.Event] | None:
-            raw = next(items, None)  # read here too: the files' bytes, when no worker process reads them
-            if raw is None:
+            packed = next(items, None)  # read here too: the files' bytes, when no worker process reads them
+            if packed is None:
                 return None
             with torch.cuda.stream(stream):
-                pixels = self.transform(decode(raw, self.device)).to(self.dtype)
+                pixels = self.transform(decode(unpack(*packed), self.device)).to(self.dtype)
                 done = torch.cuda.Event()
                 done.record(stream)
             return pixels, done
