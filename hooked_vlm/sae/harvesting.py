@@ -98,11 +98,10 @@ def image_source(
         return _dataset_source(images, image_column, id_column)
     if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
         root = Path(images)
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not files:
+        ids = _image_files(os.fspath(root))
+        if not ids:
             raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-        return ImageSource([p.relative_to(root).as_posix() for p in files], f"folder {root}",
-                           lambda start, stop: files[start:stop])
+        return ImageSource(ids, f"folder {root}", lambda start, stop: [root / i for i in ids[start:stop]])
     items = list(images) if isinstance(images, (list, tuple)) else [images]
     if not items:
         raise ValueError("no images given")
@@ -111,6 +110,20 @@ def image_source(
     if len(ids) != len(items):
         raise ValueError(f"{len(ids)} ids for {len(items)} images")
     return ImageSource(list(ids), f"list of {len(items)} images", lambda start, stop: items[start:stop])
+
+
+def _image_files(root: str, prefix: str = "") -> list[str]:
+    """The image files under ``root`` as ``/``-joined relative paths, in the order of sorted ``Path`` objects
+    (part by part), by ``os.scandir``: pathlib took 0.15 ms a file (a 1.28M-image folder: 3 minutes)."""
+    found: list[tuple[list[str], str]] = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                found.extend((name.split("/"), name) for name in _image_files(entry.path, f"{prefix}{entry.name}/"))
+            elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                name = prefix + entry.name
+                found.append((name.split("/"), name))
+    return [name for _, name in sorted(found)]
 
 
 def _dataset_source(dataset: Any, image_column: str | None, id_column: str | None) -> ImageSource:
