@@ -214,9 +214,10 @@ class BatchLoader:
             iter(self.loader) if self.loader is not None else map(self.dataset.__getitem__, range(len(self.dataset)))
         )
         # the cores belong to the workers: this process's small CPU ops (layouts, row indices, joins) spread over
-        # every core's thread ran 10-100x slower against them (6 ms for a torch.full of 66k elements on an H200 host)
+        # every core's thread ran 10-100x slower against them (6 ms for a torch.full of 66k elements on an H200
+        # host); a model on the CPU keeps its threads for its forward
         threads = torch.get_num_threads()
-        if self.loader is not None:
+        if self.loader is not None and self.device.type == "cuda":
             torch.set_num_threads(1)
         try:
             if self.transform is not None:
