@@ -16,7 +16,7 @@ said otherwise; hook ``vision.blocks.{layer}.hook_resid_post``, ``patches``):
   (batches prepared and on the device, no forward): how fast loading is by itself;
 * ``harvest_workers``: the same with ``workers=W`` loading processes (default: every core but one), each batch
   cut into one chunk per worker;
-* ``harvest_gpu_preprocess``: ``preprocess="gpu"``, the W workers only reading file bytes (nvJPEG decode and the
+* ``harvest_gpu_preprocess``: ``preprocess="gpu"``, at most 4 workers only reading file bytes (nvJPEG decode and the
   processor's steps on the GPU, on a side stream);
 * ``store_workers`` / ``store_gpu_preprocess``: :func:`harvest_to_store` likewise (shards hashed and written by
   writer threads), into a folder under ``--store-root`` (default: the temporary folder of the images);
@@ -28,7 +28,8 @@ said otherwise; hook ``vision.blocks.{layer}.hook_resid_post``, ``patches``):
 * ``llava_*`` (``--llava``): LLaVA-OneVision-0.5b (random weights, a processor built in memory with the
   checkpoint's 384 px tiles and grid pinpoints), hook ``vision.blocks.{L-2}.hook_resid_post`` patches, batch
   ``--llava-batch``, the first ``--llava-images`` files: GPU only on ready inputs, and ``harvest`` with W workers
-  (the processor's anyres tiling on the CPU, whole forwards per worker).
+  (the processor's anyres tiling on the CPU, whole forwards per worker); ``llava_processor_one_thread`` (the
+  processor on one thread, as in a worker) and ``llava_loader_only_workers`` (the loader alone).
 
 ``--device cpu --layers N`` is a smoke run (N blocks, fp32): it checks that every row runs, not how fast.
 Results: JSON under ``$OUT`` (default out/benchmarks), ``bench_e2e_harvest.json``.
@@ -296,7 +297,22 @@ def main() -> None:
                 sync(args.device)
             report("llava_gpu_only_run_with_cache", rate(rounds * args.llava_batch, time.perf_counter() - start)
                    | {"tiles_per_image": int(prepared.kwargs["pixel_values"].shape[1])})
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as in a loading process
+            start = time.perf_counter()
+            for i in range(0, len(images), 4):
+                llava.prepare_inputs(**model_inputs(llava, images[i : i + 4], None))
+            torch.set_num_threads(threads)
+            report("llava_processor_one_thread", rate(len(images), time.perf_counter() - start))
             subset = paths[: args.llava_images]
+            llava_bounds = [(i, min(i + args.llava_batch, len(subset))) for i in range(0, len(subset), args.llava_batch)]
+            start = time.perf_counter()
+            loader = BatchLoader(llava, image_source(subset), None, llava_bounds, args.workers)
+            for _ in loader:
+                pass
+            sync(args.device)
+            loader.close()
+            report("llava_loader_only_workers", rate(len(subset), time.perf_counter() - start))
             sync(args.device)
             start = time.perf_counter()
             n = sum(b.stop - b.start for b in harvest(llava, subset, llava_hook, positions="patches",

@@ -51,6 +51,10 @@ if TYPE_CHECKING:
 PREPROCESS = ("processor", "gpu")
 
 
+#: loading processes for ``preprocess="gpu"`` at most: they only read files
+GPU_PREPROCESS_WORKERS = 4
+
+
 def default_workers() -> int:
     """Worker processes for loading: every core this process may use but one (the main process feeds the GPU),
     at most 32 (more than the tested 16 processes buy nothing a single GPU can use)."""
@@ -187,6 +191,8 @@ class BatchLoader:
                 self.chunks.append([(i, min(i + size, last)) for i in range(first, last, size)])
             dataset = _Forwards(model, source, prompt, [c for chunks in self.chunks for c in chunks], with_layout=False)
         self.dataset = dataset
+        if preprocess == "gpu":  # reading a batch's bytes takes one process ~20 ms; each fork costs this one as much
+            workers = min(workers, GPU_PREPROCESS_WORKERS)
         self.loader = None
         if workers and bounds:
             self.loader = DataLoader(
