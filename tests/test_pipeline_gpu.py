@@ -65,6 +65,20 @@ def test_device_preprocessing_of_open_clip_transforms(tmp_path):
     assert difference.max() < 0.1 and difference.mean() < 0.01, (difference.max(), difference.mean())
 
 
+def test_a_worker_packs_a_batch_into_one_buffer(tmp_path):
+    from hooked_vlm.sae.gpu_preprocess import unpack
+    from hooked_vlm.sae.harvesting import image_source
+    from hooked_vlm.sae.pipeline import _RawImages
+
+    paths = photo_files(tmp_path)
+    data, meta = _RawImages(image_source(tmp_path), [(0, 3), (3, 5)])[1]  # 3.jpg and last.png
+    assert data.dim() == 1 and meta.shape == (2, 3)
+    unpacked = unpack(data, meta)
+    expected = [raw_image(p) for p in paths[3:]]
+    assert [u.shape for u in unpacked] == [e.shape for e in expected]
+    assert all(torch.equal(u, e) for u, e in zip(unpacked, expected, strict=True))
+
+
 def test_gpu_preprocessing_refuses_variable_size_processors_and_cpu_models(tmp_path):
     llava = HookedVLM.from_hf(*tiny_llava_onevision())
     with pytest.raises(ValueError, match="fixed-size processors.*tiles, pads or resizes"):

@@ -142,6 +142,11 @@ def _joined(parts: list[dict[str, Any]], pin: bool) -> dict[str, Any]:
     joined = {}
     for key, first in parts[0].items():
         pieces = [part[key] for part in parts]
+        if not all(isinstance(p, Tensor) and p.dim() and p.shape[1:] == first.shape[1:] for p in pieces):
+            raise ValueError(
+                f"the prepared inputs' {key!r} are no per-image tensors of one shape, so chunks of a batch "
+                "cannot be joined; load with workers=0"
+            )
         out = torch.empty((sum(len(p) for p in pieces), *first.shape[1:]), dtype=first.dtype, pin_memory=pin)
         joined[key] = torch.cat(pieces, out=out)
     return joined
