@@ -85,10 +85,28 @@ def test_gpu_preprocessing_refuses_variable_size_processors_and_cpu_models(tmp_p
         device_transform(llava.adapter.processor)
     clip = HookedVLM.from_hf(*tiny_clip())
     paths = photo_files(tmp_path)
-    with pytest.raises(RuntimeError, match="preprocess='gpu'.*CUDA device"):
+    with pytest.raises(ValueError, match="preprocess='gpu'.*CUDA device"):
         next(harvest(clip, paths, "vision.blocks.0.hook_resid_post", preprocess="gpu", progress=False))
     with pytest.raises(ValueError, match="preprocess='cpu'"):
         next(harvest(clip, paths, "vision.blocks.0.hook_resid_post", preprocess="cpu", workers=1, progress=False))
+    if not torch.cuda.is_available():  # the CLI says it in one line
+        from hooked_vlm.sae.cli import main
+
+        args = [
+            "harvest",
+            "tiny:clip",
+            "--hook",
+            "vision.blocks.0.hook_resid_post",
+            "--images",
+            str(tmp_path),
+            "--preprocess",
+            "gpu",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "store"),
+        ]
+        assert main(args) == 2
 
 
 def test_chunked_workers_and_persistent_workers_across_passes(tmp_path, monkeypatch):

@@ -202,10 +202,11 @@ def _is_rgb_conversion(step: Any) -> bool:
 
 
 def check_device(device: torch.device) -> None:
-    """``preprocess='gpu'`` decodes with nvJPEG: a clear error when the model is not on a CUDA device."""
+    """``preprocess='gpu'`` decodes with nvJPEG: a clear error (``ValueError``: the setting does not fit the
+    machine) when the model is not on a CUDA device."""
     if device.type != "cuda":
         detail = "no CUDA device is present" if not torch.cuda.is_available() else f"the model is on {device}"
-        raise RuntimeError(
+        raise ValueError(
             f"preprocess='gpu' decodes and preprocesses on a CUDA device, but {detail}; use "
             "preprocess='processor' (the CPU path, with workers= for speed)"
         )
