@@ -36,28 +36,22 @@ from jaxtyping import Float, Int64, UInt8
 from PIL import Image
 from torch import Tensor
 
+from hooked_vlm.inputs import load_images
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def raw_image(item: Any) -> UInt8[Tensor, "*shape"]:
-    """What a loading process sends for one image: the bytes of a JPEG file (``[n]``), else the decoded RGB
-    pixels (``[3, H, W]``): other files through PIL (converted to RGB, as the CPU path opens them), PIL images and
-    ``[H, W, C]`` arrays as they are."""
+    """What a loading process sends for one image: the bytes of a JPEG file (``[n]``), else its 8-bit RGB pixels
+    (``[3, H, W]``) by the rule every path uses (:func:`hooked_vlm.inputs.load_images`)."""
     if isinstance(item, (str, os.PathLike)):
         with open(item, "rb") as file:
             data = file.read()
         if data.startswith(JPEG_MAGIC):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        with Image.open(item) as image:
-            item = image.convert("RGB")
-    if isinstance(item, Image.Image):
-        item = np.asarray(item.convert("RGB") if item.mode != "RGB" else item)
-    if isinstance(item, np.ndarray):
-        if item.ndim != 3 or item.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"a numpy image must be [H, W, C] with C in (1, 3, 4), got shape {item.shape}")
-        array = np.repeat(item, 3, axis=-1) if item.shape[-1] == 1 else item[..., :3]
-        return torch.from_numpy(np.array(array)).permute(2, 0, 1).contiguous()
-    raise TypeError(f"preprocess='gpu' takes image files, PIL images or arrays, not {type(item).__name__}")
+    image = load_images([item])[0]
+    pixels = np.asarray(image if isinstance(image, Image.Image) else Image.fromarray(image))
+    return torch.from_numpy(np.array(pixels)).permute(2, 0, 1).contiguous()
 
 
 def pack(raw: list[Tensor]) -> tuple[UInt8[Tensor, " total"], Int64[Tensor, "n 3"]]:
