@@ -98,7 +98,7 @@ def cmd_harvest(args: argparse.Namespace) -> int:
             _model(args, device), _images(args), args.hook, args.out, positions=_positions(args.positions),
             prompt=args.prompt, batch_size=args.batch_size,
             dtype=DTYPES[args.store_dtype] if args.store_dtype else None, shard_mb=args.shard_mb,
-            overwrite=args.overwrite, compiled=args.compiled, workers=args.workers,
+            overwrite=args.overwrite, compiled=args.compiled, workers=args.workers, preprocess=args.preprocess,
         )
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(store)
@@ -181,6 +181,10 @@ def add_commands(commands: Any) -> None:
     harvest.add_argument("--workers", type=int, default=None,
                          help="processes that decode and prepare images (0: one thread; default: every core but one, "
                               "at most 32)")
+    harvest.add_argument("--preprocess", choices=["processor", "gpu"], default="processor",
+                         help="processor: the checkpoint's processor on the CPU; gpu: nvJPEG decode and the same "
+                              "resize/crop/normalise on the GPU (fixed-size processors: CLIP, SigLIP, open_clip) "
+                              "(default: %(default)s)")
     harvest.set_defaults(run=cmd_harvest)
 
     train = commands.add_parser("train-sae", help="train an SAE (sae_lens) on a store or a live model")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -65,6 +66,10 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def raw(self, start: int, stop: int) -> list[Any]:
+        """Images ``start:stop`` as the source holds them (paths unopened)."""
+        return self._load(start, stop)
+
     def load(self, start: int, stop: int) -> list[Image.Image]:
         """Images ``start:stop`` as RGB PIL images (paths opened, arrays converted)."""
         return load_images(self._load(start, stop))
@@ -92,11 +97,10 @@ def image_source(
         return _dataset_source(images, image_column, id_column)
     if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
         root = Path(images)
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not files:
+        ids = _image_files(os.fspath(root))
+        if not ids:
             raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-        return ImageSource([p.relative_to(root).as_posix() for p in files], f"folder {root}",
-                           lambda start, stop: files[start:stop])
+        return ImageSource(ids, f"folder {root}", lambda start, stop: [root / i for i in ids[start:stop]])
     items = list(images) if isinstance(images, (list, tuple)) else [images]
     if not items:
         raise ValueError("no images given")
@@ -105,6 +109,20 @@ def image_source(
     if len(ids) != len(items):
         raise ValueError(f"{len(ids)} ids for {len(items)} images")
     return ImageSource(list(ids), f"list of {len(items)} images", lambda start, stop: items[start:stop])
+
+
+def _image_files(root: str, prefix: str = "") -> list[str]:
+    """The image files under ``root`` as ``/``-joined relative paths, in the order of sorted ``Path`` objects
+    (part by part), by ``os.scandir``: pathlib took 0.15 ms a file (a 1.28M-image folder: 3 minutes)."""
+    found: list[tuple[list[str], str]] = []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                found.extend((name.split("/"), name) for name in _image_files(entry.path, f"{prefix}{entry.name}/"))
+            elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                name = prefix + entry.name
+                found.append((name.split("/"), name))
+    return [name for _, name in sorted(found)]
 
 
 def _dataset_source(dataset: Any, image_column: str | None, id_column: str | None) -> ImageSource:
@@ -182,7 +200,11 @@ def take(layout: InputLayout, hook_name: str, tensor: Tensor, positions: Selecto
     mask = layout.mask(positions, hook_name)
     if tuple(tensor.shape[:2]) != tuple(mask.shape):
         raise ValueError(f"{hook_name!r} has shape {tuple(tensor.shape)}, but its layout is {tuple(mask.shape)} [batch, pos]")
-    return tensor[mask.to(tensor.device)].flatten(1)
+    # indices found on the CPU: a boolean mask on the GPU would make the host wait for the forward to finish
+    flat = mask.flatten().nonzero().squeeze(1)
+    if tensor.is_cuda:
+        flat = flat.pin_memory().to(tensor.device, non_blocking=True)
+    return tensor.flatten(0, 1)[flat.to(tensor.device)].flatten(1)
 
 
 def row_index(
@@ -243,22 +265,46 @@ def model_inputs(model: HookedVLM, images: list[Image.Image], prompt: str | None
     return {"inputs": images}
 
 
+#: images from which a compiled harvest (inductor) makes up its compile time; fewer run eager (see _compiled_tower)
+COMPILE_PAYS_OFF_IMAGES = 250_000
+
+
 @contextmanager
-def _compiled_tower(model: HookedVLM, names: list[str], compiled: bool | dict[str, Any]) -> Iterator[Any]:
+def _compiled_tower(
+    model: HookedVLM, names: list[str], compiled: bool | str | dict[str, Any], n_images: int | None
+) -> Iterator[Any]:
     """A :class:`~hooked_vlm.compiled.CompiledHarvest` of ``names`` while the block runs (``None`` if not asked
-    for): entered once, so that a harvest over many batches (and epochs) compiles once."""
+    for, or not worth it): entered once, so that a harvest over many batches (and epochs) compiles once.
+
+    Compiling CLIP-L/14 with inductor took 15–95 s on an H100 and an H200 (mode and attention kernels), and saves
+    about 0.07 ms per image there (3,019 against 2,510 images/s): it is made up after about 200,000–1,300,000
+    images, so a harvest of fewer than :data:`COMPILE_PAYS_OFF_IMAGES` images (``n_images``; ``None``: an endless
+    stream) runs eager and says so in a log line, unless ``compiled="always"`` (or a dict of ``torch.compile``
+    arguments with ``"min_images"``: the threshold). Other backends (``"eager"``, ``"aot_eager"``) compile in a
+    moment and always run.
+    """
     if not compiled:
+        yield None
+        return
+    if compiled not in (True, "always") and not isinstance(compiled, dict):
+        raise ValueError(f"compiled={compiled!r}: give True, 'always', a dict of torch.compile arguments, or False")
+    kwargs = dict(compiled) if isinstance(compiled, dict) else {}
+    min_images = kwargs.pop("min_images", 0 if compiled == "always" else COMPILE_PAYS_OFF_IMAGES)
+    if kwargs.get("backend", "inductor") == "inductor" and n_images is not None and n_images < min_images:
+        logging.getLogger("hooked_vlm.compiled").warning(
+            "compiled harvest not worth it for %d images: compiling costs 15-95 s and saves about 0.07 ms per image "
+            "(CLIP-L/14, H200), so it pays off from about %d images; running eager (compiled='always' compiles "
+            "anyway)", n_images, min_images)
         yield None
         return
     from hooked_vlm.compiled import CompiledHarvest
 
-    with CompiledHarvest(model, names, compile_kwargs=None if compiled is True else compiled) as tower:
+    with CompiledHarvest(model, names, compile_kwargs=kwargs or None) as tower:
         yield tower
 
 
 def _prepared_batches(
     model: HookedVLM, source: ImageSource, prompt: str | None, bounds: list[tuple[int, int]], prefetch: bool,
-    workers: int = 0,
 ) -> Iterator[Prepared]:
     """The prepared model inputs of images ``first:last`` for each ``(first, last)`` of ``bounds``, in order.
 
@@ -271,11 +317,6 @@ def _prepared_batches(
     def prepare(bound: tuple[int, int]) -> Prepared:
         return model.prepare_inputs(**model_inputs(model, source.load(*bound), prompt))
 
-    if workers:
-        from hooked_vlm.sae.pipeline import loaded_batches
-
-        yield from loaded_batches(model, source, prompt, bounds, workers)
-        return
     if not prefetch:
         yield from map(prepare, bounds)
         return
@@ -297,15 +338,38 @@ def _prepared_batches(
                 future.cancel()  # not started yet: never runs; running: the executor's exit waits for it
 
 
+@contextmanager
+def _batch_source(
+    model: HookedVLM, source: ImageSource, prompt: str | None, bounds: list[tuple[int, int]], prefetch: bool,
+    workers: int, preprocess: str,
+) -> Iterator[Any]:
+    """Something to iterate (as often as needed) for the prepared batches of ``bounds``: worker processes or the
+    GPU path (:class:`~hooked_vlm.sae.pipeline.BatchLoader`, closed at the end), else this process's own threads."""
+    if workers or preprocess != "processor":
+        from hooked_vlm.sae.pipeline import BatchLoader
+
+        loader = BatchLoader(model, source, prompt, bounds, workers, preprocess)
+        try:
+            yield loader
+        finally:
+            loader.close()
+        return
+
+    class _Threads:
+        def __iter__(self) -> Iterator[Prepared]:
+            return _prepared_batches(model, source, prompt, bounds, prefetch)
+
+    yield _Threads()
+
+
 def _forwards(
-    model: HookedVLM, source: ImageSource, names: list[str], positions: Positions, prompt: str | None,
-    batch_size: int, start: int, stop: int, device: Any, dtype: torch.dtype | None, tower: Any, progress: bool,
-    prefetch: bool, workers: int = 0,
+    model: HookedVLM, batches: Any, bounds: list[tuple[int, int]], names: list[str], positions: Positions,
+    device: Any, dtype: torch.dtype | None, tower: Any, progress: bool,
 ) -> Iterator[HarvestBatch]:
-    bounds = [(first, min(first + batch_size, stop)) for first in range(start, stop, batch_size)]
-    batches = _prepared_batches(model, source, prompt, bounds, prefetch, workers)
-    with tqdm(total=stop - start, desc="harvest", unit="img", disable=not progress) as bar, closing(batches):
-        for (first, last), prepared in zip(bounds, batches, strict=True):
+    total = sum(last - first for first, last in bounds)
+    prepared_batches = iter(batches)
+    with tqdm(total=total, desc="harvest", unit="img", disable=not progress) as bar, closing(prepared_batches):
+        for (first, last), prepared in zip(bounds, prepared_batches, strict=True):
             with torch.no_grad():
                 if tower is None:
                     _, cache = model.run_with_cache(prepared, names_filter=names, device=device, dtype=dtype)
@@ -331,10 +395,11 @@ def harvest(
     stop: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    compiled: bool | dict[str, Any] = False,
+    compiled: bool | str | dict[str, Any] = False,
     progress: bool = True,
     prefetch: bool = True,
     workers: int = 0,
+    preprocess: str = "processor",
 ) -> Iterator[HarvestBatch]:
     """One :class:`HarvestBatch` per forward over ``batch_size`` images of ``images`` (from ``start`` to ``stop``).
 
@@ -346,7 +411,9 @@ def harvest(
 
     ``compiled`` runs the forwards through :class:`hooked_vlm.compiled.CompiledHarvest` (the hooks' tower alone,
     truncated after the deepest hook, through ``torch.compile``; a dict gives ``torch.compile`` arguments): for
-    long harvests of one tower of the families that support it (CLIP), on a GPU.
+    long harvests of one tower of the families that support it (CLIP), on a GPU. Below
+    :data:`COMPILE_PAYS_OFF_IMAGES` images the compile time is not made up and the harvest runs eager (a log line
+    says so); ``compiled="always"`` compiles anyway (in a dict: ``"min_images": 0``).
 
     ``prefetch`` loads and prepares the next batch in a worker thread while the current forward runs (the rows
     are the same either way); the image source is then read from that thread, which lists, folders and datasets
@@ -355,13 +422,19 @@ def harvest(
     ``workers`` > 0 loads and prepares batches in that many forked worker processes instead
     (:mod:`hooked_vlm.sae.pipeline`; :func:`~hooked_vlm.sae.pipeline.default_workers` is every core but one):
     the same rows, provenance and order, for when one thread cannot keep up with the GPU.
+
+    ``preprocess="gpu"`` decodes JPEGs with nvJPEG and runs the processor's resize, crop and normalise on the
+    model's GPU (:mod:`hooked_vlm.sae.gpu_preprocess`; fixed-size processors: CLIP, SigLIP, open_clip), the
+    ``workers`` only reading files: for when even every core cannot keep up. Pixel values differ from the CPU
+    processor's by the decoder's rounding (measured in doc/benchmarks.md).
     """
     names = check_hooks(model, [hook_names] if isinstance(hook_names, str) else hook_names, positions)
     source = image_source(images)
     stop = len(source) if stop is None else min(stop, len(source))
-    with _compiled_tower(model, names, compiled) as tower:
-        yield from _forwards(model, source, names, positions, prompt, batch_size, start, stop, device, dtype, tower,
-                             progress, prefetch, workers)
+    bounds = [(first, min(first + batch_size, stop)) for first in range(start, stop, batch_size)]
+    with (_compiled_tower(model, names, compiled, max(0, stop - start)) as tower,
+          _batch_source(model, source, prompt, bounds, prefetch, workers, preprocess) as batches):
+        yield from _forwards(model, batches, bounds, names, positions, device, dtype, tower, progress)
 
 
 def activation_stream(
@@ -374,26 +447,30 @@ def activation_stream(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = torch.float32,
-    compiled: bool | dict[str, Any] = False,
+    compiled: bool | str | dict[str, Any] = False,
     loop: bool = True,
     progress: bool = True,
     prefetch: bool = True,
     workers: int = 0,
+    preprocess: str = "processor",
 ) -> Iterator[Tensor] | Iterator[dict[str, Tensor]]:
     """Activation rows for training: ``[n, d]`` per forward for one hook, ``{hook: [n, d]}`` for several.
 
     With ``loop`` the images are gone through again and again (sae_lens trainers call ``next`` until they have
     seen their number of samples). Rows come in image order: shuffle them with a mixing buffer
     (:func:`sae_lens.training.mixing_buffer.mixing_buffer`), as :func:`~hooked_vlm.sae.train_sae` does.
-    ``compiled``: as for :func:`harvest` (compiled once for all passes); ``prefetch``, ``workers``: as for
-    :func:`harvest`.
+    ``compiled``: as for :func:`harvest` (compiled once for all passes; an endless stream is always worth it);
+    ``prefetch``, ``workers``, ``preprocess``: as for :func:`harvest` (the worker processes stay up from one pass
+    to the next).
     """
     names = check_hooks(model, [hook_names] if isinstance(hook_names, str) else hook_names, positions)
     source = image_source(images)
-    with _compiled_tower(model, names, compiled) as tower:
+    bounds = [(first, min(first + batch_size, len(source))) for first in range(0, len(source), batch_size)]
+    with (_compiled_tower(model, names, compiled, None if loop else len(source)) as tower,
+          _batch_source(model, source, prompt, bounds, prefetch, workers, preprocess) as batches):
         for epoch in itertools.count():
-            for batch in _forwards(model, source, names, positions, prompt, batch_size, 0, len(source), device, dtype,
-                                   tower, progress and epoch == 0, prefetch, workers):
+            for batch in _forwards(model, batches, bounds, names, positions, device, dtype, tower,
+                                   progress and epoch == 0):
                 yield batch.acts[names[0]] if isinstance(hook_names, str) else batch.acts
             if not loop:
                 return

@@ -43,6 +43,7 @@ import logging
 import os
 import re
 import shutil
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -52,7 +53,6 @@ import torch
 from jaxtyping import Float, Int
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
 from torch import Tensor
 
 from hooked_vlm.sae.distributed import part_folder, process_group_rank, rank_images
@@ -108,9 +108,21 @@ def default_store_path(model: str, hook_names: Sequence[str], positions: Positio
     return DEFAULT_ROOT / slug(model) / f"{slug(hooks)}__{slug(selector)}"
 
 
+@functools.lru_cache(maxsize=2)
+def _json_list(items: tuple[str, ...]) -> str:
+    return json.dumps(list(items))
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as JSON, written to a temporary file and renamed. A manifest's ``image_ids`` (a million images:
+    about 20 MB of JSON, rewritten after every shard) are serialised once per store, not once per shard."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=1))
+    ids = data.get("image_ids")
+    if isinstance(ids, list) and len(data) > 1:
+        rest = json.dumps({k: v for k, v in data.items() if k != "image_ids"}, indent=1)
+        temporary.write_text(f'{rest[:-2]},\n "image_ids": {_json_list(tuple(ids))}\n}}')
+    else:
+        temporary.write_text(json.dumps(data, indent=1))
     os.replace(temporary, path)
 
 
@@ -424,14 +436,15 @@ def harvest_to_store(
     world_size: int | None = None,
     prefetch: bool = True,
     workers: int = 0,
+    preprocess: str = "processor",
 ) -> ActivationStore:
     """Harvest ``images`` into a store at ``path``, resuming a store that was interrupted.
 
     ``dtype`` (default: the model's) is what rows are stored in; rows are bit-exact copies of the activations
     when it is the model's. Shards are cut after about ``shard_mb`` megabytes (all hooks together). A folder
     holding a store of other settings raises :class:`StoreMismatchError` unless ``overwrite``, which starts over.
-    ``model_name`` is recorded in the manifest (default: the checkpoint's name). ``compiled``, ``prefetch`` and
-    ``workers`` (loading processes): as for :func:`~hooked_vlm.sae.harvest`.
+    ``model_name`` is recorded in the manifest (default: the checkpoint's name). ``compiled``, ``prefetch``,
+    ``workers`` (loading processes) and ``preprocess``: as for :func:`~hooked_vlm.sae.harvest`.
 
     Data-parallel: in an initialised ``torch.distributed`` process group (``torchrun``), every rank harvests its
     run of images (:func:`~hooked_vlm.sae.distributed.rank_images`) into ``path/rank-R-of-W``, a resumable store
@@ -457,7 +470,8 @@ def harvest_to_store(
     }
     into = functools.partial(_harvest, model, source, names, positions=positions, prompt=prompt,
                              batch_size=batch_size, dtype=dtype, shard_mb=shard_mb, overwrite=overwrite,
-                             compiled=compiled, prefetch=prefetch, workers=workers)
+                             compiled=compiled, prefetch=prefetch, workers=workers,
+                             preprocess=preprocess)
     if (rank is None) != (world_size is None):
         raise ValueError("give both rank and world_size (a part of a data-parallel harvest), or neither")
     group = process_group_rank() if rank is None else None  # under torchrun: (rank, world_size)
@@ -486,52 +500,60 @@ def harvest_to_store(
     return ActivationStore(path)
 
 
+#: shards hashed and written at once (each by its own thread): hashing runs at about 2 GB/s per core, so one
+#: thread would fall behind a GPU that makes 1.3 GB of rows a second (CLIP-L/14 patches, bf16)
+WRITERS = 3
+
+
 def _harvest(
     model: HookedVLM, source: ImageSource, names: list[str], path: Path, settings: dict[str, Any], *,
     positions: Positions, prompt: str | None, batch_size: int, dtype: torch.dtype, shard_mb: float, overwrite: bool,
-    compiled: bool | dict[str, Any], progress: bool, prefetch: bool, workers: int = 0,
+    compiled: bool | str | dict[str, Any], progress: bool, prefetch: bool, workers: int = 0,
+    preprocess: str = "processor",
 ) -> ActivationStore:
     """Harvest images ``settings["image_range"]`` of ``source`` into the store at ``path``, resuming it.
 
-    Shards are written and listed by one writer thread, in order, while the next forwards run (at most one shard
-    in writing and one filling, so memory stays bounded); an error in the writer is raised here.
+    Shards are written by :data:`WRITERS` threads while the next forwards run, and listed in the manifest in
+    order, each once it and every shard before it are on disk (at most ``WRITERS`` shards in writing and one
+    filling, so memory stays bounded); an error in a writer is raised here.
     """
-    with _writer_lock(path), ThreadPoolExecutor(1, thread_name_prefix="store-writer") as writer:
+    with _writer_lock(path), ThreadPoolExecutor(WRITERS, thread_name_prefix="store-writer") as writers:
         manifest = _open_for_writing(path, settings, overwrite)
         manifest["source"] = source.description
         pending: list[Any] = []
         pending_bytes = 0
-        writing: Future | None = None
+        writing: deque[tuple[Future, int]] = deque()
 
-        def write(batches: list[Any]) -> None:
-            for batch in batches:
-                _finish_copy_to_host(batch)
-            entry = _write_shard(path, len(manifest["shards"]), names, batches)
-            manifest["shards"].append(entry)
-            manifest["n_images_done"] = batches[-1].stop
-            manifest["d_in"] = {hook: batches[0].acts[hook].shape[-1] for hook in names}
-            _write_json(path / MANIFEST, manifest)
+        def list_written(keep: int) -> None:
+            """List finished shards in order, waiting until at most ``keep`` are in writing."""
+            while writing and (len(writing) > keep or writing[0][0].done()):
+                future, stop = writing.popleft()
+                manifest["shards"].append(future.result())
+                manifest["n_images_done"] = stop
+                _write_json(path / MANIFEST, manifest)
 
         def flush() -> None:
-            nonlocal pending, pending_bytes, writing
-            if writing is not None:
-                writing.result()  # the previous shard is listed (or its error raised) before the next is queued
-            writing = writer.submit(write, pending)
+            nonlocal pending, pending_bytes
+            list_written(WRITERS - 1)
+            manifest["d_in"] = {hook: pending[0].acts[hook].shape[-1] for hook in names}
+            number = len(manifest["shards"]) + len(writing)
+            writing.append((writers.submit(_write_shard, path, number, names, pending), pending[-1].stop))
             pending, pending_bytes = [], 0
 
         # rows are selected on the model's device, and only they are copied to the CPU, not whole activations
         for batch in harvest(model, source, names, positions=positions, prompt=prompt, batch_size=batch_size,
                              start=manifest["n_images_done"], stop=settings["image_range"][1], dtype=dtype,
-                             compiled=compiled, progress=progress, prefetch=prefetch, workers=workers):
+                             compiled=compiled, progress=progress, prefetch=prefetch, workers=workers,
+                             preprocess=preprocess):
             _start_copy_to_host(batch)
             pending.append(batch)
             pending_bytes += sum(a.numel() * a.element_size() for a in batch.acts.values())
             if pending_bytes >= shard_mb * 2**20:
                 flush()
+            list_written(WRITERS)
         if pending:
             flush()
-        if writing is not None:
-            writing.result()
+        list_written(0)
     return ActivationStore(path)
 
 
@@ -661,20 +683,47 @@ def merge_stores(path: str | os.PathLike) -> ActivationStore:
     return ActivationStore(path)
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32"}
+
+
 def _write_shard(path: Path, number: int, hook_names: list[str], batches: list[Any]) -> dict[str, Any]:
-    tensors: dict[str, Tensor] = {}
+    """Write the rows of ``batches`` as one safetensors file, hashing as it goes: every batch's tensors are written
+    where they lie (no concatenated copy, no file image in memory), and hashing and writing release the GIL."""
+    for batch in batches:
+        _finish_copy_to_host(batch)
+    pieces: dict[str, list[Tensor]] = {}
     for hook in hook_names:
-        tensors[f"acts/{hook}"] = torch.cat([b.acts[hook] for b in batches]).contiguous()
-        tensors[f"index/{hook}"] = torch.cat([b.index[hook] for b in batches]).contiguous()
+        pieces[f"acts/{hook}"] = [b.acts[hook] for b in batches]
+        pieces[f"index/{hook}"] = [b.index[hook] for b in batches]
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, parts in pieces.items():
+        first = parts[0]
+        size = sum(p.numel() * p.element_size() for p in parts)
+        shape = [sum(len(p) for p in parts), *first.shape[1:]]
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[first.dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    digest = hashlib.sha256()
     file = f"shard_{number:05d}.safetensors"
     temporary = path / (file + ".tmp")
-    data = save_bytes(tensors)
-    temporary.write_bytes(data)
+    with open(temporary, "wb") as out:
+        for chunk in (len(encoded).to_bytes(8, "little"), encoded):
+            out.write(chunk)
+            digest.update(chunk)
+        for parts in pieces.values():
+            for part in parts:
+                if part.numel():
+                    data = part.contiguous().view(-1).view(torch.uint8).numpy()
+                    out.write(data)
+                    digest.update(data)
     os.replace(temporary, path / file)
     return {
         "file": file,
         "images": [batches[0].start, batches[-1].stop],
-        "rows": {hook: len(tensors[f"acts/{hook}"]) for hook in hook_names},
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "rows": {hook: header[f"acts/{hook}"]["shape"][0] for hook in hook_names},
+        "size": 8 + len(encoded) + offset,
+        "sha256": digest.hexdigest(),
     }
