@@ -93,6 +93,7 @@ def feature_dashboard(
     positions: Any = None,
     prompt: str | None = None,
     n_images: int = 12,
+    tile: int = 0,
     bins: int = 30,
     readouts: Readout | Sequence[Readout] = (),
     n_effect_images: int = 16,
@@ -107,7 +108,8 @@ def feature_dashboard(
     ``scan`` (from :func:`~hooked_vlm.sae.features.scan_features` over the same images and ``positions``) saves
     the first pass; otherwise it is computed here, keeping ``n_images`` top images per feature. ``features``
     (default: the ``max_features`` live features with the highest maximum activation) get a card each. A second
-    pass over the images counts every feature's activations into ``bins`` bins. ``readouts`` are ablated through:
+    pass over the images counts every feature's activations into ``bins`` bins. Heatmaps are drawn over grid
+    ``tile`` (as :func:`~hooked_vlm.sae.features.feature_gallery`). ``readouts`` are ablated through:
     each card gives the mean change of each readout over the first ``n_effect_images`` images when the feature
     is set to 0 (SAE spliced with its error term), and the first-order estimate. ``out_dir`` defaults to
     ``models/features/<model>/<hook>/dashboard``; the page is ``<name>.html`` (default: model, hook,
@@ -173,7 +175,7 @@ def feature_dashboard(
     files = [density_histogram(scan, pictures / "density.png")]
     cards = []
     for f in tqdm(chosen, desc="dashboard features", disable=not progress):
-        gallery = feature_gallery(model, sae, scan, f, pictures / f"feature_{f}.png", n=n_images)
+        gallery = feature_gallery(model, sae, scan, f, pictures / f"feature_{f}.png", n=n_images, tile=tile)
         files.append(gallery)
         cards.append(
             _card(
