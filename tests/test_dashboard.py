@@ -244,3 +244,42 @@ def test_cli_writes_a_dashboard(tmp_path):
     page = assert_references_exist(tmp_path / "out" / "index.html")
     (name,) = page.references
     assert len(assert_references_exist(tmp_path / "out" / name).cards) == 3
+
+
+def test_a_transcoder_gets_a_dashboard_with_readout_effects(clip, pictures, tmp_path):
+    from sae_lens import Transcoder, TranscoderConfig
+
+    hook_in, hook_out = "vision.blocks.1.ln2.hook_normalized", "vision.blocks.1.hook_mlp_out"
+    tc = Transcoder(
+        TranscoderConfig(
+            d_in=32,
+            d_sae=24,
+            d_out=32,
+            apply_b_dec_to_input=False,
+            metadata=SAEMetadata(hook_name=hook_in, hook_name_out=hook_out, positions="all"),
+        )
+    )
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in tc.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    result = feature_dashboard(
+        clip,
+        tc,
+        pictures,
+        tmp_path,
+        max_features=3,
+        n_images=3,
+        bins=6,
+        readouts=aesthetic_readout(clip, "clip"),
+        n_effect_images=3,
+        progress=False,
+    )
+    parsed = assert_references_exist(result.page)
+    assert len(parsed.cards) == 3 and all(len(card["effects"]) == 1 for card in parsed.cards.values())
+    assert float(result.effects[0].exact.abs().max()) > 0  # ablating through the spliced transcoder moves the readout
+    with torch.no_grad():
+        _, cache = clip.run_with_cache(pictures, names_filter=[hook_in])
+        peak = tc.encode(cache[hook_in]).amax((0, 1))  # the features read the input hook, every position
+    for f, card in parsed.cards.items():
+        assert card["top"][0][1] == pytest.approx(float(peak[f]), rel=1e-5)
