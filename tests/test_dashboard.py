@@ -212,13 +212,15 @@ def test_bad_requests_are_refused_before_any_work(clip, pictures, dashboard, tmp
         feature_dashboard(clip, sae, None, tmp_path)
     with pytest.raises(ValueError, match=r"features \[48\] are not features"):
         feature_dashboard(clip, sae, out_dir=tmp_path, scan=result.scan, features=[48], progress=False)
+    with pytest.raises(ValueError, match="the scan was over positions 'patches'"):
+        feature_dashboard(clip, sae, out_dir=tmp_path, scan=result.scan, positions="all")
     with pytest.raises(KeyError):
         feature_dashboard(clip, sae_at("vision.blocks.7.hook_resid_post", "all"), pictures, tmp_path)
     assert not any(tmp_path.iterdir())
 
 
 def test_cli_writes_a_dashboard(tmp_path):
-    from hooked_vlm.sae.cli import main
+    from hooked_vlm.cli import main  # the hooked-vlm entry point
 
     sae = sae_at(HOOK, "patches", seed=2)
     sae.save_model(tmp_path / "sae")
@@ -241,6 +243,24 @@ def test_cli_writes_a_dashboard(tmp_path):
         ]
     )
     assert code == 0
+    assert (
+        main(
+            [
+                "dashboard",
+                "tiny:clip",
+                "--sae",
+                str(tmp_path / "sae"),
+                "--features",
+                "3,48",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "refused"),
+            ]
+        )
+        == 2
+    )
+    assert not (tmp_path / "refused").exists()
     page = assert_references_exist(tmp_path / "out" / "index.html")
     (name,) = page.references
     assert len(assert_references_exist(tmp_path / "out" / name).cards) == 3

@@ -46,6 +46,7 @@ from hooked_vlm.sae.features import (
     feature_rows,
     scan_features,
 )
+from hooked_vlm.sae.harvesting import describe_positions
 from hooked_vlm.sae.store import slug
 
 if TYPE_CHECKING:
@@ -121,6 +122,10 @@ def feature_dashboard(
     model.hook_point(hook)  # an unknown hook raises here, before any image is loaded
     if (images is None) == (scan is None):
         raise ValueError("pass images= (scanned here) or scan= (a FeatureScan of the images), one of them")
+    if features is not None:
+        wrong = [int(f) for f in features if not 0 <= int(f) < sae.cfg.d_sae]
+        if wrong:
+            raise ValueError(f"features {wrong} are not features of this SAE (0 to {sae.cfg.d_sae - 1})")
     positions = trained_positions(sae) if positions is None else positions
     prompt = sae.cfg.metadata.prompt if prompt is None else prompt
     if scan is None:
@@ -139,7 +144,13 @@ def feature_dashboard(
             f"the scan is of {scan.hook_name!r} with {scan.fired.shape[0]} features, the SAE reads "
             f"{hook!r} with {sae.cfg.d_sae}"
         )
-    chosen = _chosen_features(scan, features, max_features)
+    if scan.positions != describe_positions(positions):
+        raise ValueError(
+            f"the scan was over positions {scan.positions!r}, not {describe_positions(positions)!r}: "
+            "pass the positions it was made with"
+        )
+    prompt = scan.prompt  # the readout effects run the images as the scan saw them
+    chosen = [int(f) for f in features] if features is not None else _strongest_features(scan, max_features)
     readouts = [readouts] if not isinstance(readouts, (list, tuple)) else list(readouts)
 
     out = Path(out_dir) if out_dir is not None else DEFAULT_ROOT / slug(scan.model_name) / slug(hook) / "dashboard"
@@ -210,14 +221,9 @@ def feature_dashboard(
     return FeatureDashboard(page, index, chosen, scan, histograms, logits, effects, files)
 
 
-def _chosen_features(scan: FeatureScan, features: Sequence[int] | None, max_features: int) -> list[int]:
+def _strongest_features(scan: FeatureScan, max_features: int) -> list[int]:
+    """The live features with the highest maximum activation, strongest first."""
     d_sae = scan.fired.shape[0]
-    if features is not None:
-        chosen = [int(f) for f in features]
-        wrong = [f for f in chosen if not 0 <= f < d_sae]
-        if wrong:
-            raise ValueError(f"features {wrong} are not features of this SAE (0 to {d_sae - 1})")
-        return chosen
     strongest = scan.top_values[:, 0] if scan.top_values.shape[1] else torch.zeros(d_sae)
     order = strongest.argsort(descending=True, stable=True)
     return [int(f) for f in order[:max_features] if scan.fired[f] > 0]
