@@ -15,8 +15,8 @@ import torch
 
 pytest.importorskip("sae_lens")
 
-from sae_lens import TopKSAE, TopKSAEConfig  # noqa: E402
 from sae_lens.saes.sae import SAEMetadata  # noqa: E402
+from test_sae_features import sae_at  # noqa: E402  (a random TopK SAE at a hook)
 
 from hooked_vlm import HookedVLM  # noqa: E402
 from hooked_vlm.sae import feature_dashboard  # noqa: E402
@@ -24,19 +24,6 @@ from hooked_vlm.sae.aesthetic import aesthetic_readout  # noqa: E402
 from hooked_vlm.testing import half_and_half_image, sample_image, tiny_clip, tiny_llava_onevision  # noqa: E402
 
 HOOK = "vision.blocks.0.hook_resid_post"
-
-
-def sae_at(hook, positions, d_in=32, d_sae=48, seed=0, prompt=None):
-    sae = TopKSAE(
-        TopKSAEConfig(
-            d_in=d_in, d_sae=d_sae, k=6, metadata=SAEMetadata(hook_name=hook, positions=positions, prompt=prompt)
-        )
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in sae.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return sae
 
 
 class Page(HTMLParser):
