@@ -47,6 +47,7 @@ from hooked_vlm.sae.features import (
     scan_features,
 )
 from hooked_vlm.sae.harvesting import describe_positions
+from hooked_vlm.sae.splice import output_hook_name
 from hooked_vlm.sae.store import slug
 
 if TYPE_CHECKING:
@@ -263,7 +264,7 @@ def activation_histograms(
 def writes_to_lm_residual(model: HookedVLM, sae: SAE) -> bool:
     """Whether the SAE's decoder writes into the language model's residual stream (a per-block residual-width
     hook of the LM, its input embeddings, or the projector's output), where decoder rows can be unembedded."""
-    hook = sae.cfg.metadata.hook_name_out or sae.cfg.metadata.hook_name
+    hook = output_hook_name(sae)
     parts = block_parts(hook)
     in_lm = (parts is not None and parts[0] == "lm" and parts[2] in RESIDUAL_WIDTH_SUFFIXES) or hook in (
         "lm.hook_embed",
