@@ -160,14 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     check(all(p.exists() for p in [*galleries, histogram, table]),
           f"features: galleries of features {features} ({', '.join(str(p) for p in galleries)}), {histogram}, {table}")
 
-    # 6. A dashboard of the strongest features, from the same scan.
-    readout = aesthetic_readout(model, "vlm" if vlm else "clip")
+    # 6. A dashboard of the strongest features, from the same scan. CLIP's readout is its beauty contrast; a VLM's
+    # aesthetic readout (Yes vs No) answers another prompt than the SAE's, so VLM cards show logits instead.
+    readouts = () if vlm else aesthetic_readout(model, "clip")
     dashboard = feature_dashboard(model, sae, out_dir=out / "dashboard", scan=scan, max_features=16, tile=tile,
-                                  readouts=readout, n_effect_images=8, prompt=prompt)
+                                  readouts=readouts, n_effect_images=8)
     pictures = [dashboard.page, dashboard.index, *dashboard.files]
+    shows = [f"readout {readouts!r}"] if readouts else []
+    shows += ["logits of each decoder direction"] if dashboard.logits else []
     check(all(p.exists() for p in pictures) and len(dashboard.features) > 0,
-          f"dashboard: {len(dashboard.features)} features on {dashboard.page} (open {dashboard.index} in a browser), "
-          f"readout {readout!r}" + (", logits of each decoder direction" if dashboard.logits else ""))
+          f"dashboard: {len(dashboard.features)} features on {dashboard.page} (open {dashboard.index} in a browser); "
+          f"{', '.join(shows) or 'top images and histograms'}")
 
     print("\n".join(f"{mark(ok)} {item.splitlines()[0][:110]}" for ok, item in check.items))
     return check.exit_code

@@ -49,9 +49,11 @@ class Page(HTMLParser):
             self.card["top"].append((attrs["data-image"], float(attrs["data-value"])))
         elif tag == "rect" and "data-count" in attrs:
             self.card["bars"].append((float(attrs["data-lo"]), float(attrs["data-hi"]), int(attrs["data-count"])))
+        elif tag == "tr" and "data-token-id" in attrs:
+            self.token_ids.append(int(attrs["data-token-id"]))
         elif tag == "table" and self.card is not None and attrs.get("class", "").startswith(("logits", "effects")):
             self.table = attrs["class"]
-            self.cells = []
+            self.cells, self.token_ids = [], []
         elif tag == "td":
             self.cells.append("")
 
@@ -63,7 +65,8 @@ class Page(HTMLParser):
         if tag == "table" and getattr(self, "table", None):
             name, cells = self.table, [c for c in self.cells]
             if name.startswith("logits"):
-                self.card["logits"][name.split()[1]] = [eval(c) for c in cells[0::2]]  # noqa: S307 (our repr())
+                texts = [eval(c) for c in cells[0::2]]  # noqa: S307 (the page writes repr() of each token)
+                self.card["logits"][name.split()[1]] = list(zip(self.token_ids, texts, strict=True))
             else:
                 self.card["effects"] = [float(c) for c in cells[1::3]]
             self.table, self.cells = None, []
@@ -187,8 +190,11 @@ def test_a_language_model_hook_shows_its_logits(tmp_path):
     tokenizer = llava.processor.tokenizer
     for f, card in parsed.cards.items():
         logits = sae.W_dec[f].float() @ w_u.T
-        assert card["logits"]["positive"] == [tokenizer.decode([int(i)]) for i in logits.topk(5).indices]
-        assert card["logits"]["negative"] == [tokenizer.decode([int(i)]) for i in (-logits).topk(5).indices]
+        for side, order in (("positive", logits.topk(5).indices), ("negative", (-logits).topk(5).indices)):
+            assert [token for token, _ in card["logits"][side]] == order.tolist()
+            for token, text in card["logits"][side]:  # the text, or the vocabulary entry of a partial byte
+                assert text in (tokenizer.decode([token]), tokenizer.convert_ids_to_tokens(token))
+                assert "\ufffd" not in text
 
 
 def test_bad_requests_are_refused_before_any_work(clip, pictures, dashboard, tmp_path):

@@ -63,7 +63,8 @@ MANIFEST = "dashboards.json"
 @dataclass
 class Histogram:
     """Counts of a feature's non-zero activations in ``len(edges) - 1`` equal bins from 0 to its maximum (a bin
-    holds ``edges[i] <= a < edges[i + 1]``, the last one its right edge too: ``numpy.histogram``'s rule)."""
+    holds ``edges[i] <= a < edges[i + 1]``, the last one its right edge and anything above: ``numpy.histogram``'s
+    rule, with a value a hair over the scan's maximum, as another batch size can round it, kept in the last bin)."""
 
     edges: Float[Tensor, " bins_plus_1"]
     counts: Int[Tensor, " bins"]
@@ -258,7 +259,8 @@ def activation_histograms(
                 # the inner edges, right=True: edges[i] <= a < edges[i + 1]; the maximum falls in the last bin
                 which = torch.bucketize(fired, edges[j][1:-1], right=True)
                 counts[j] += torch.bincount(which, minlength=bins)[:bins]
-    return {int(f): Histogram(edges[j].float(), counts[j]) for j, f in enumerate(columns.tolist())}
+    # edges stay float64: the page writes them exactly as they were counted with
+    return {int(f): Histogram(edges[j], counts[j]) for j, f in enumerate(columns.tolist())}
 
 
 def writes_to_lm_residual(model: HookedVLM, sae: SAE) -> bool:
@@ -282,8 +284,9 @@ def writes_to_lm_residual(model: HookedVLM, sae: SAE) -> bool:
 
 @torch.no_grad()
 def decoder_logits(model: HookedVLM, sae: SAE, features: Sequence[int], n: int = 10) -> dict[int, dict[str, list]]:
-    """Per feature, the ``n`` tokens whose logits its decoder direction raises most and lowers most: ``W_dec[f] ·
-    W_U[token]`` (the direct path through the unembedding, final norm left out, as in SAEDashboard)."""
+    """Per feature, the ``n`` tokens ``(id, text, logit)`` whose logits its decoder direction raises most and lowers
+    most: ``W_dec[f] · W_U[token]`` (the direct path through the unembedding, final norm left out, as in
+    SAEDashboard)."""
     from hooked_vlm.decomposition import unembedding
     from hooked_vlm.readouts import resolve_tokenizer
 
@@ -295,10 +298,19 @@ def decoder_logits(model: HookedVLM, sae: SAE, features: Sequence[int], n: int =
     for j, f in enumerate(features):
         top, bottom = logits[j].topk(min(n, logits.shape[1])), logits[j].topk(min(n, logits.shape[1]), largest=False)
         out[int(f)] = {
-            side: [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(pick.values, pick.indices, strict=True)]
+            side: [
+                (int(i), _token_text(tokenizer, int(i)), float(v))
+                for v, i in zip(pick.values, pick.indices, strict=True)
+            ]
             for side, pick in (("positive", top), ("negative", bottom))
         }
     return out
+
+
+def _token_text(tokenizer: Any, token: int) -> str:
+    """The token as text; a byte-level piece that decodes to no whole character (U+FFFD) as its vocabulary entry."""
+    text = tokenizer.decode([token])
+    return tokenizer.convert_ids_to_tokens(token) if "\ufffd" in text else text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,8 +394,9 @@ def _card(
     if logits:
         for side, css, title in (("positive", "pos", "Positive logits"), ("negative", "neg", "Negative logits")):
             cells = "".join(
-                f'<tr><td class="{css}">{esc(repr(token))}</td><td class="num">{value:+.3f}</td></tr>'
-                for token, value in logits[side]
+                f'<tr data-token-id="{token}" title="token {token}"><td class="{css}">{esc(repr(text))}</td>'
+                f'<td class="num">{value:+.3f}</td></tr>'
+                for token, text, value in logits[side]
             )
             sections.append(f'<h3>{title}</h3><table class="logits {side}">{cells}</table>')
     if effects:
