@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("sae_lens")
 
 from hooked_vlm import HookedVLM  # noqa: E402
+from hooked_vlm.sae import evaluate_sae  # noqa: E402
 from hooked_vlm.sae.converters import (  # noqa: E402
     canonical_hook_name,
     load_saev_sae,
@@ -18,6 +19,7 @@ from hooked_vlm.sae.converters import (  # noqa: E402
     saev_disk_loader,
     vit_prisma_disk_loader,
 )
+from hooked_vlm.steering import FeatureClamp, SteeringVector, steering_hooks  # noqa: E402
 from hooked_vlm.testing import sample_image, tiny_clip  # noqa: E402
 
 D_IN, D_SAE = 32, 96  # the tiny CLIP's width; 3× expansion
@@ -248,6 +250,13 @@ def test_spliced_transcoder_replaces_its_output_hook_with_its_map_of_the_input_h
     expected = clean[TC_OUT] - acts[..., f, None] * weights["W_dec"][f]
     torch.testing.assert_close(edited[TC_OUT], expected, atol=1e-5, rtol=1e-5)
     assert model.acts_to_saes == {}
+    # steering knows the features live at the output hook: the clamp is the same edit, the vector the decoder row
+    clamp = FeatureClamp.from_sae(tc, f, 0.0)
+    with model.saes(tc, use_error_term=True), model.hooks(fwd_hooks=steering_hooks(model, clamp)):
+        _, clamped = model.run_with_cache(image, names_filter=[TC_OUT])
+    torch.testing.assert_close(clamped[TC_OUT], expected, atol=1e-5, rtol=1e-5)
+    vector = SteeringVector.from_sae_feature(tc, f)
+    assert vector.hook_name == TC_OUT and torch.equal(vector.direction, tc.W_dec[f])
 
 
 def test_transcoder_formats_sae_lens_cannot_run_are_refused(tmp_path, model):
@@ -265,6 +274,8 @@ def test_transcoder_formats_sae_lens_cannot_run_are_refused(tmp_path, model):
     with pytest.raises(ValueError, match="d_out=32"):
         model.add_sae(wide)
     tc = load_vit_prisma_sae(tmp_path / "tc")
+    with pytest.raises(ValueError, match="not what a transcoder computes"):
+        evaluate_sae(model, tc, [sample_image()])
     sae = load_vit_prisma_sae(_write_prisma(tmp_path / "sae", _weights(8)), hook_name=TC_IN)
     model.add_sae(sae)
     try:
