@@ -15,6 +15,8 @@
 4. evaluate it on held-out images: explained variance, L0, dead/dense features, downstream cost (report.md)
 5. feature analysis: galleries of the top images of a few features with per-patch heatmaps, the density
    histogram and a feature table (CSV)
+6. a feature dashboard: one HTML page for the SAE (top images with heatmaps, activation histograms, logits for LM
+   hooks, the aesthetic readout's change when each feature is ablated) and an index, openable from disk
 
 Without --real the SAE sizes suit the tiny models (expansion 4, k 8, small batches); with it, the defaults of
 hooked_vlm.sae.SAETrainingConfig (expansion 16, k 32, batch 4096) are used. Everything is written to --out
@@ -29,8 +31,10 @@ import torch
 from PIL import Image, ImageEnhance
 
 from hooked_vlm.sae import (
+    aesthetic_readout,
     density_histogram,
     evaluate_sae,
+    feature_dashboard,
     feature_gallery,
     feature_table,
     harvest_to_store,
@@ -155,6 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     table = feature_table(scan, out / "features" / "features.csv")
     check(all(p.exists() for p in [*galleries, histogram, table]),
           f"features: galleries of features {features} ({', '.join(str(p) for p in galleries)}), {histogram}, {table}")
+
+    # 6. A dashboard of the strongest features, from the same scan. CLIP's readout is its beauty contrast; a VLM's
+    # aesthetic readout (Yes vs No) answers another prompt than the SAE's, so VLM cards show logits instead.
+    readouts = () if vlm else aesthetic_readout(model, "clip")
+    dashboard = feature_dashboard(model, sae, out_dir=out / "dashboard", scan=scan, max_features=16, tile=tile,
+                                  readouts=readouts, n_effect_images=8)
+    pictures = [dashboard.page, dashboard.index, *dashboard.files]
+    shows = [f"readout {readouts!r}"] if readouts else []
+    shows += ["logits of each decoder direction"] if dashboard.logits else []
+    check(all(p.exists() for p in pictures) and len(dashboard.features) > 0,
+          f"dashboard: {len(dashboard.features)} features on {dashboard.page} (open {dashboard.index} in a browser); "
+          f"{', '.join(shows) or 'top images and histograms'}")
 
     print("\n".join(f"{mark(ok)} {item.splitlines()[0][:110]}" for ok, item in check.items))
     return check.exit_code

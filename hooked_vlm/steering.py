@@ -307,7 +307,8 @@ class SteeringVector:
     def from_sae_feature(
         cls, sae: Any, feature: int, *, scale: float = 1.0, positions: Positions = "all"
     ) -> SteeringVector:
-        """An SAE feature's decoder row ``sae.W_dec[feature]`` at the SAE's hook (``sae.cfg.metadata.hook_name``).
+        """An SAE feature's decoder row ``sae.W_dec[feature]`` at the SAE's hook (``sae.cfg.metadata.hook_name``; a
+        transcoder's output hook, ``hook_name_out``).
 
         Adding ``scale * W_dec[feature]`` is what raising the feature's activation by ``scale`` adds to the
         SAE's reconstruction, without splicing the SAE in.
@@ -318,7 +319,9 @@ class SteeringVector:
                 "this SAE layer-normalises its input, so its decoder rows are not directions in the hook's space; "
                 "splice it and use FeatureClamp instead"
             )
-        hook_name = cfg.metadata.hook_name
+        from hooked_vlm.sae.splice import output_hook_name
+
+        hook_name = output_hook_name(sae)  # a transcoder's decoder writes into its output hook
         if hook_name is None:
             raise ValueError("the SAE has no cfg.metadata.hook_name, so the hook to steer is unknown")
         provenance = {
@@ -423,7 +426,9 @@ class FeatureClamp:
 
     @classmethod
     def from_sae(cls, sae: Any, feature: int, value: float, *, positions: Positions = "all") -> FeatureClamp:
-        return cls(sae.cfg.metadata.hook_name, feature, value, positions)
+        from hooked_vlm.sae.splice import output_hook_name
+
+        return cls(output_hook_name(sae), feature, value, positions)  # a transcoder's features: its output hook
 
     @property
     def label(self) -> str:

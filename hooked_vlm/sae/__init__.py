@@ -11,6 +11,8 @@
 - :func:`evaluate_sae`: explained variance, L0, dead/dense features and the downstream cost of splicing.
 - :func:`scan_features`, :func:`feature_gallery`, :func:`density_histogram`, :func:`feature_table`: analysis.
 - :func:`aesthetic_features`: the features associated with (and causal for) an aesthetic score.
+- :func:`feature_dashboard`: a static HTML page per SAE (top images with heatmaps, activation histograms, logit and
+  readout effects of every feature) and an index of the pages.
 
 Names are imported on first use, so ``import hooked_vlm`` does not import sae_lens (an optional extra).
 """
@@ -49,6 +51,8 @@ _EXPORTS = {
     "feature_gallery": "features",
     "density_histogram": "features",
     "feature_table": "features",
+    "feature_dashboard": "dashboard",
+    "FeatureDashboard": "dashboard",
     "planted_features": "synthetic",
     "recovery": "synthetic",
     "image_activations": "association",

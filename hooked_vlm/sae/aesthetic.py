@@ -259,6 +259,7 @@ def causal_effects(
     of the readout with respect to ``hook_sae_acts_post``, times ``value - activation``.
     """
     from hooked_vlm.sae.evaluate import trained_positions
+    from hooked_vlm.sae.splice import output_hook_name
 
     if mode not in ("ablate", "clamp"):
         raise ValueError(f"mode must be 'ablate' or 'clamp', not {mode!r}")
@@ -266,7 +267,7 @@ def causal_effects(
         raise ValueError("mode='clamp' needs value=")
     target = 0.0 if mode == "ablate" else float(value)
     positions = trained_positions(sae) if positions is None else positions
-    hook = sae.cfg.metadata.hook_name
+    hook = output_hook_name(sae)  # where the spliced SAE's features live (a transcoder's output hook)
     acts_name = f"{hook}.hook_sae_acts_post"
     source = image_source(images)
     features = [int(f) for f in features]

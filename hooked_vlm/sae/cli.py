@@ -4,6 +4,7 @@
                        [--prompt TEXT] [--out DIR] [--batch-size N] [--store-dtype bfloat16] [--compiled]
     hooked-vlm train-sae (--store DIR | MODEL --images DIR) --hook NAME [--architecture topk] [--k 32]
                        [--expansion-factor 16] [--training-samples N] [--out DIR] [--wandb-project NAME]
+    hooked-vlm dashboard [MODEL] --sae DIR [--images DIR | --dataset DIR] [--readout clip] [--out DIR]
 
 (or ``python -m hooked_vlm.sae harvest ...``). MODEL is as for ``hooked-vlm inspect`` (default ``tiny:clip``);
 without ``--images`` / ``--dataset``, drawn sample images are used, so both commands run offline. ``--positions``
@@ -207,6 +208,7 @@ def add_commands(commands: Any) -> None:
     train.add_argument("--out", help="SAE folder (default models/checkpoints/saes/...)")
     train.set_defaults(run=cmd_train)
     add_aesthetic_command(commands)
+    add_dashboard_command(commands)
 
 
 @_user_errors
@@ -261,6 +263,55 @@ def add_aesthetic_command(commands: Any) -> None:
     command.add_argument("--dtype", choices=sorted(DTYPES))
     command.add_argument("--out", help="output folder (default models/features/aesthetic/<hook>)")
     command.set_defaults(run=cmd_aesthetic)
+
+
+@_user_errors
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """``dashboard``: the HTML feature dashboard of an SAE over images (see hooked_vlm.sae.dashboard)."""
+    from sae_lens import SAE
+
+    from hooked_vlm.sae.aesthetic import aesthetic_readout
+    from hooked_vlm.sae.dashboard import feature_dashboard
+
+    sae = SAE.load_from_disk(args.sae)
+    model = _model(args)
+    features = [int(f) for f in args.features.split(",")] if args.features else None
+    readout = aesthetic_readout(model, args.readout, path=args.laion_path) if args.readout else ()
+    result = feature_dashboard(
+        model, sae, _images(args), args.out, features=features, max_features=args.max_features,
+        positions=_positions(args.positions) if args.positions else None, prompt=args.prompt,
+        n_images=args.n_images, bins=args.bins, readouts=readout, n_effect_images=args.n_effect_images,
+        batch_size=args.batch_size,
+    )
+    print(f"wrote {result.page} ({len(result.features)} features) and {result.index}")
+    return 0
+
+
+def add_dashboard_command(commands: Any) -> None:
+    """``dashboard [MODEL] --sae DIR [--images DIR | --dataset DIR] [--readout clip|laion|vlm] [--out DIR]``."""
+    command = commands.add_parser("dashboard", help="write an HTML dashboard of an SAE's features (and an index)")
+    command.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                         help=f"hub id, open_clip:ARCH/TAG or tiny:NAME (default {DEFAULT_MODEL})")
+    command.add_argument("--sae", required=True, help="SAE folder (sae_lens format)")
+    command.add_argument("--images", help="a folder of images (read recursively, sorted)")
+    command.add_argument("--dataset", help="a Hugging Face dataset saved with save_to_disk (its Image column)")
+    command.add_argument("--n-sample-images", type=int, default=64,
+                         help="drawn images when none are given (default: %(default)s)")
+    command.add_argument("--positions", action="append", help="selector (default: the SAE's training positions)")
+    command.add_argument("--prompt", help="what a VLM is asked about each image (default: the SAE's)")
+    command.add_argument("--features", help="comma-separated features (default: the strongest --max-features)")
+    command.add_argument("--max-features", type=int, default=64, help="features shown (default: %(default)s)")
+    command.add_argument("--n-images", type=int, default=12, help="top images per feature (default: %(default)s)")
+    command.add_argument("--bins", type=int, default=30, help="activation histogram bins (default: %(default)s)")
+    command.add_argument("--readout", choices=["clip", "laion", "vlm"], help="readout whose ablation effect is shown")
+    command.add_argument("--laion-path", help="LAION aesthetic predictor weights (--readout laion)")
+    command.add_argument("--n-effect-images", type=int, default=16,
+                         help="images the readout effects average over (default: %(default)s)")
+    command.add_argument("--batch-size", type=int, default=16, help="images per forward (default: %(default)s)")
+    command.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    command.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the checkpoint's)")
+    command.add_argument("--out", help="output folder (default models/features/<model>/<hook>/dashboard)")
+    command.set_defaults(run=cmd_dashboard)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

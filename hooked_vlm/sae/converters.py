@@ -5,7 +5,7 @@ state_dict)`` passed to ``SAE.load_from_disk(path, converter=...)`` (the disk lo
 ``sae_lens.loading.pretrained_sae_loaders``, e.g. ``sparsify_disk_loader``), and, for the Hub, a loader
 ``(repo_id, folder_name, device, force_download, cfg_overrides) -> (cfg_dict, state_dict, log_sparsity)``
 registered by name in ``NAMED_PRETRAINED_SAE_LOADERS`` (what a release's ``conversion_func`` names). This module
-adds both for two formats:
+adds both for two formats (ViT-Prisma's, which holds SAEs and transcoders, and saev's):
 
 - **ViT-Prisma** (``vit_prisma.sae.SparseAutoencoder``; the released CLIP and DINO SAEs): a folder holding
   ``config.json`` (the ``VisionModelSAERunnerConfig`` fields: ``d_in``, ``d_sae`` or ``expansion_factor``,
@@ -22,13 +22,22 @@ adds both for two formats:
   ``apply_b_dec_to_input=False``. The file does not say which layer it was trained on (saev records that in the
   activation shards' metadata), so the caller names it: ``layer=`` (the residual stream after that block,
   ``vision.blocks.{layer}.hook_resid_post``, what saev records) or ``hook_name=``.
+- **ViT-Prisma transcoders** (``vit_prisma.transcoders.Transcoder``; the same files, with ``is_transcoder: true``):
+  an input hook (``hook_point_layer`` / ``layer_subtype``) and an output hook (``out_hook_point_layer`` /
+  ``layer_out_subtype``, width ``d_out``). Weights ``W_enc [d_in, d_sae]``, ``b_enc``, ``b_dec [d_in]`` (subtracted
+  from the input), ``W_dec [d_sae, d_out]``, ``b_dec_out [d_out]`` and, with ``transcoder_with_skip_connection``,
+  ``W_skip [d_in, d_in]``; it computes ``act((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec_out`` (``+ x @ (I +
+  W_skip.T)`` with the skip). They become sae_lens's ``Transcoder`` / ``SkipTranscoder`` (``b_dec`` folded into
+  ``b_enc``, the identity into ``W_skip``) with ``cfg.metadata.hook_name`` / ``hook_name_out``; ``add_sae`` splices
+  them from one hook to the other (:class:`hooked_vlm.sae.splice.SplicedTranscoder`). ReLU only, without input
+  normalisation: sae_lens's transcoders have no TopK form and do not map a normalised output back, so those refuse.
 
     from hooked_vlm.sae.converters import load_vit_prisma_sae, load_saev_sae
     sae = load_vit_prisma_sae("path/to/prisma-sae-folder")       # cfg.metadata.hook_name: vision.blocks.9.hook_mlp_out
     model.add_sae(sae)
 
-Not converted: ViT-Prisma's transcoders (an input hook and an output hook; ``add_sae`` splices one hook) and the
-per-dataset activation scaling saev applies while training (not stored in the SAE file: scale inputs yourself).
+Not converted: the per-dataset activation scaling saev applies while training (not stored in the SAE file: scale
+inputs yourself).
 """
 
 from __future__ import annotations
@@ -76,7 +85,7 @@ def _architecture(activation: str, params: dict[str, Any], source: str) -> tuple
 
 def _cfg_dict(*, d_in: int, d_sae: int, architecture: str, extra: dict[str, Any], apply_b_dec_to_input: bool,
               normalize: str, hook_name: str, model_name: str, positions: str | None, device: str,
-              source: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
+              source: str, overrides: dict[str, Any] | None, hook_name_out: str | None = None) -> dict[str, Any]:
     import sae_lens
 
     overrides = dict(overrides or {})
@@ -88,6 +97,8 @@ def _cfg_dict(*, d_in: int, d_sae: int, architecture: str, extra: dict[str, Any]
         "sae_lens_version": sae_lens.__version__,  # the dict is already in the 6.x layout: no legacy remapping
         "converted_from": source,
     }
+    if hook_name_out is not None:
+        metadata["hook_name_out"] = overrides.pop("hook_name_out", hook_name_out)
     cfg = {
         "architecture": architecture,
         "d_in": d_in,
@@ -103,9 +114,11 @@ def _cfg_dict(*, d_in: int, d_sae: int, architecture: str, extra: dict[str, Any]
     return cfg
 
 
-def _weights(state: dict[str, Tensor], d_in: int, d_sae: int, source: str, device: str) -> dict[str, Tensor]:
-    """The four sae_lens weights, checked against the widths the config states (a mismatch names the tensor)."""
-    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+def _weights(state: dict[str, Tensor], d_in: int, d_sae: int, source: str, device: str,
+             expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
+    """The weights (by default an SAE's four), checked against the widths the config states (a mismatch names
+    the tensor)."""
+    expected = expected or {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"{source}: the state dict lacks {missing} (it has {sorted(state)})")
@@ -157,8 +170,11 @@ def vit_prisma_disk_loader(
     d_sae = int(cfg.get("d_sae") or d_in * int(cfg["expansion_factor"]))
     architecture, extra = _architecture(cfg.get("activation_fn_str", "relu"), cfg.get("activation_fn_kwargs") or {},
                                         str(path))
-    hook = cfg.get("hook_point") or f"blocks.{cfg['hook_point_layer']}.hook_mlp_out"  # ViT-Prisma's default point
+    # ViT-Prisma's config.json holds the fields; hook_point is derived from them (older files store it)
+    hook = cfg.get("hook_point") or f"blocks.{cfg['hook_point_layer']}.{cfg.get('layer_subtype', 'hook_mlp_out')}"
     normalize = cfg.get("normalize_activations") or "none"
+    if cfg.get("is_transcoder"):
+        return _prisma_transcoder(path, cfg, state, d_in, d_sae, architecture, hook, normalize, device, cfg_overrides)
     if normalize not in ("none", "layer_norm", "constant_norm_rescale"):
         raise ValueError(f"{path}: normalize_activations={normalize!r} has no sae_lens equivalent")
     return _cfg_dict(
@@ -167,6 +183,40 @@ def vit_prisma_disk_loader(
         positions="cls" if cfg.get("cls_token_only") else None, device=device, source=f"{VIT_PRISMA}:{path}",
         overrides=cfg_overrides,
     ), _weights(state, d_in, d_sae, str(path), device)
+
+
+def _prisma_transcoder(
+    path: Path, cfg: dict[str, Any], state: dict[str, Tensor], d_in: int, d_sae: int, architecture: str, hook: str,
+    normalize: str, device: str, overrides: dict[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A ViT-Prisma transcoder as sae_lens's ``Transcoder`` / ``SkipTranscoder`` (see the module docstring)."""
+    if architecture != "standard":
+        raise ValueError(f"{path}: a {architecture} transcoder; sae_lens's transcoders are ReLU (or JumpReLU) only")
+    if normalize != "none":
+        raise ValueError(
+            f"{path}: normalize_activations={normalize!r}; sae_lens's transcoders normalise their input but do not map "
+            "the output back with the input's statistics as ViT-Prisma does, so the outputs would differ"
+        )
+    d_out = int(cfg.get("d_out", d_in))
+    skip = bool(cfg.get("transcoder_with_skip_connection"))
+    if skip and d_out != d_in:
+        raise ValueError(f"{path}: a skip connection x @ (I + W_skip.T) needs d_out == d_in, not {d_out} and {d_in}")
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_in,),
+              "b_dec_out": (d_out,)} | ({"W_skip": (d_in, d_in)} if skip else {})
+    weights = _weights(state, d_in, d_sae, str(path), device, shapes)
+    # sae_lens subtracts nothing from a transcoder's input: (x - b_dec) @ W_enc + b_enc = x @ W_enc + b_enc'
+    converted = {"W_enc": weights["W_enc"], "b_enc": weights["b_enc"] - weights["b_dec"] @ weights["W_enc"],
+                 "W_dec": weights["W_dec"], "b_dec": weights["b_dec_out"]}
+    if skip:  # ViT-Prisma adds x @ (I + W_skip.T); sae_lens adds x @ W_skip.T
+        converted["W_skip"] = torch.eye(d_in, device=device) + weights["W_skip"]
+    out_layer = cfg.get("out_hook_point_layer", cfg.get("hook_point_layer"))
+    hook_out = cfg.get("hook_point_out") or f"blocks.{out_layer}.{cfg.get('layer_out_subtype', 'hook_mlp_out')}"
+    return _cfg_dict(
+        d_in=d_in, d_sae=d_sae, architecture="skip_transcoder" if skip else "transcoder", extra={"d_out": d_out},
+        apply_b_dec_to_input=False, normalize="none", hook_name=canonical_hook_name(hook),
+        model_name=cfg.get("model_name", "unknown"), positions="cls" if cfg.get("cls_token_only") else None,
+        device=device, source=f"{VIT_PRISMA}:{path}", overrides=overrides, hook_name_out=canonical_hook_name(hook_out),
+    ), converted
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,7 +279,8 @@ def saev_disk_loader(
 
 
 def load_vit_prisma_sae(path: str | Path, *, device: str = "cpu", hook_name: str | None = None) -> Any:
-    """A ViT-Prisma SAE (folder or ``.pt`` file) as a sae_lens ``SAE`` with a canonical ``cfg.metadata.hook_name``."""
+    """A ViT-Prisma SAE or transcoder (folder or ``.pt`` file) as a sae_lens ``SAE`` (``Transcoder``) with a
+    canonical ``cfg.metadata.hook_name`` (and ``hook_name_out``)."""
     from sae_lens import SAE
 
     overrides = {"hook_name": hook_name} if hook_name else None

@@ -185,6 +185,11 @@ def evaluate_sae(
     """
     hook = sae.cfg.metadata.hook_name
     model.hook_point(hook)  # an unknown hook raises before any work
+    if sae.cfg.metadata.hook_name_out not in (None, hook):
+        raise ValueError(
+            f"a transcoder ({hook!r} → {sae.cfg.metadata.hook_name_out!r}): evaluate_sae measures how well an SAE "
+            "reconstructs its own hook, which is not what a transcoder computes; it is not evaluated here"
+        )
     positions = trained_positions(sae) if positions is None else positions
     prompt = sae.cfg.metadata.prompt if prompt is None else prompt
     source = image_source(images)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,13 +119,7 @@ def scan_features(
     top_images = torch.full((d_sae, top_k), -1, dtype=torch.long)
     top_patches = torch.full((d_sae, top_k, 3), -1, dtype=torch.long)
     n_rows = 0
-    for first in tqdm(range(0, len(source), batch_size), desc="scan features", disable=not progress):
-        _, cache = model.run_with_cache(
-            **model_inputs(model, source.load(first, first + batch_size), prompt), names_filter=[hook]
-        )
-        act = cache[hook]
-        features = take(cache.layout, hook, encode_at(sae, hook, act), positions).float().cpu()
-        index = row_index(cache.layout, hook, act.shape, positions, first)
+    for features, index in feature_rows(model, sae, source, positions, prompt, batch_size, progress):
         n_rows += len(features)
         fired += (features > 0).sum(0)
         activation_sum += features.double().sum(0)
@@ -142,6 +136,23 @@ def scan_features(
     name = sae.cfg.metadata.model_name or checkpoint_name(model)
     return FeatureScan(name, hook, describe_positions(positions), prompt, source, n_rows, fired, activation_sum.float(),
                        top_values, top_images, top_patches)
+
+
+def feature_rows(
+    model: HookedVLM, sae: SAE, source: ImageSource, positions: Selector, prompt: str | None, batch_size: int,
+    progress: bool = True, desc: str = "scan features",
+) -> Iterator[tuple[Float[Tensor, "n d_sae"], Int[Tensor, "n 6"]]]:
+    """``(feature activations, row index)`` of the selected rows of ``source``, a batch of images at a time: every
+    pass over an image set that reads an SAE's features goes through here (the row index's image column counts
+    from the source's first image)."""
+    hook = sae.cfg.metadata.hook_name
+    for first in tqdm(range(0, len(source), batch_size), desc=desc, disable=not progress):
+        _, cache = model.run_with_cache(
+            **model_inputs(model, source.load(first, first + batch_size), prompt), names_filter=[hook]
+        )
+        act = cache[hook]
+        features = take(cache.layout, hook, encode_at(sae, hook, act), positions).float().cpu()
+        yield features, row_index(cache.layout, hook, act.shape, positions, first)
 
 
 def _default_path(scan: FeatureScan, file: str) -> Path:

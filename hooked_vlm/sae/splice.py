@@ -9,6 +9,12 @@ hooked like any other, e.g. to clamp a feature.
 Mechanics: the hook point's tap runs whenever an SAE is spliced there (``BoundHookPoint.set_splice``), even with
 no hooks attached, and the hook point's forward is the :class:`SplicedSAE`; its own hooks therefore see the
 value that goes on downstream (after the SAE). Models with nothing spliced run the stock forward.
+
+A transcoder (sae_lens's ``Transcoder`` / ``SkipTranscoder``: ``cfg.metadata.hook_name`` in,
+``cfg.metadata.hook_name_out`` out) replaces the value at its output hook with what it computes from the value
+at its input hook in the same forward (:class:`SplicedTranscoder`); its hook points are children of the output
+hook, as in sae_lens's ``HookedSAETransformer``. It reads the input hook's value as the model computed it, before
+hooks attached at that same hook point run (hooks at earlier hook points do reach it).
 """
 
 # ruff: noqa: F722  (jaxtyping shape strings are not forward references)
@@ -110,11 +116,18 @@ class SplicedSAE(nn.Module):
         for name, hook_point in sae.hook_dict.items():
             setattr(self, name, hook_point)
         self.hook_name = hook_name
+        self.input_name = hook_name  # the hook it reads (a transcoder's differs)
         self.use_error_term = use_error_term
         self.positions = positions
         self.flatten_heads = flattens_heads(sae, hook_name)
 
     def forward(self, x: Tensor) -> Tensor:
+        out = self._replacement(x)
+        mask = self._position_mask(x)
+        return out if mask is None else torch.where(mask.view(*mask.shape, *[1] * (x.dim() - 2)), out, x)
+
+    def _replacement(self, x: Tensor) -> Tensor:
+        """What goes on downstream in place of ``x`` (everywhere; positions are applied by ``forward``)."""
         sae = self.sae
         width = x.shape[-2] * x.shape[-1] if _leaf(self.hook_name) in HEAD_HOOKS else x.shape[-1]
         if width != sae.cfg.d_in:
@@ -129,10 +142,7 @@ class SplicedSAE(nn.Module):
                 clean = sae.decode(sae.encode(sae_in))
             out = out + sae.hook_sae_error(sae_in.to(clean.dtype) - clean)
         out = sae.hook_sae_output(out).to(device=x.device, dtype=x.dtype)
-        if self.flatten_heads:
-            out = out.view_as(x)
-        mask = self._position_mask(x)
-        return out if mask is None else torch.where(mask.view(*mask.shape, *[1] * (x.dim() - 2)), out, x)
+        return out.view_as(x) if self.flatten_heads else out
 
     def _position_mask(self, x: Tensor) -> Tensor | None:
         """``[batch, pos]``: where the SAE's output replaces the activation (``None``: everywhere)."""
@@ -159,6 +169,68 @@ class SplicedSAE(nn.Module):
         )
 
 
+class TranscoderInput(nn.Module):
+    """Spliced at a transcoder's input hook: keeps this forward's value there for the transcoder at the output
+    hook, and passes it on unchanged."""
+
+    def __init__(self, hook_name: str):
+        super().__init__()
+        self.hook_name = hook_name
+        self.__dict__["value"] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.__dict__["value"] = x
+        return x
+
+    def take(self, output_hook: str) -> Tensor:
+        value, self.__dict__["value"] = self.__dict__["value"], None
+        if value is None:
+            raise RuntimeError(
+                f"the transcoder spliced at {output_hook!r} reads {self.hook_name!r}, which has not run before it in "
+                "this forward: its input hook must come before its output hook"
+            )
+        return value
+
+
+class SplicedTranscoder(SplicedSAE):
+    """A transcoder at its output hook: the value there is replaced by ``transcoder(value at the input hook)``
+    (plus, with the error term, what the unedited transcoder misses of the model's own value)."""
+
+    def __init__(
+        self, sae: SAE, input_point: BoundHookPoint, output_name: str, model: HookedVLM, use_error_term: bool = False,
+        positions: Selector | None = None,
+    ):
+        super().__init__(sae, output_name, model, use_error_term=use_error_term, positions=positions)
+        self.input_name = input_point.name
+        self.flatten_heads = False
+        self.__dict__["input_point"] = input_point
+        self.__dict__["captured"] = TranscoderInput(input_point.name)
+
+    def _replacement(self, x: Tensor) -> Tensor:
+        sae = self.sae
+        sae_in = self.captured.take(self.hook_name)
+        if sae_in.shape[-1] != sae.cfg.d_in or x.shape[-1] != sae.cfg.d_out or sae_in.shape[:-1] != x.shape[:-1]:
+            raise SAEShapeError(
+                f"the transcoder {self.input_name!r} → {self.hook_name!r} maps width {sae.cfg.d_in} to {sae.cfg.d_out}, "
+                f"but the activations there have shapes {tuple(sae_in.shape)} and {tuple(x.shape)}"
+            )
+        sae_in = sae_in.to(sae.device)
+        out = sae(sae_in)  # the class's own forward: decode(encode(x)), plus the skip connection of a SkipTranscoder
+        if self.use_error_term:
+            with torch.no_grad(), _hooks_disabled(sae):
+                clean = sae(sae_in)
+            out = out + sae.hook_sae_error(x.to(device=clean.device, dtype=clean.dtype) - clean)
+        return sae.hook_sae_output(out).to(device=x.device, dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_name} → {self.hook_name}, " + super().extra_repr()
+
+
+def output_hook_name(sae: SAE) -> str | None:
+    """Where an SAE's output goes: its hook, or a transcoder's output hook (``cfg.metadata.hook_name_out``)."""
+    return sae.cfg.metadata.hook_name_out or sae.cfg.metadata.hook_name
+
+
 class SAEHooksMixin:
     """``add_sae`` / ``reset_saes`` / ``run_with_saes`` / ... for :class:`~hooked_vlm.HookedVLM`.
 
@@ -182,6 +254,10 @@ class SAEHooksMixin:
         name = hook_name or sae.cfg.metadata.hook_name
         if not name:
             raise ValueError("the SAE has no cfg.metadata.hook_name; pass add_sae(sae, hook_name=...)")
+        name_out = sae.cfg.metadata.hook_name_out
+        if name_out and name_out != name:
+            self._add_transcoder(sae, name, name_out, use_error_term, sae_positions)
+            return
         hook_point = self.hook_point(name)  # unknown names raise here, with the closest valid names
         if not isinstance(hook_point, BoundHookPoint):
             raise ValueError(f"{name!r} is a hook point of a spliced SAE; an SAE goes on a hook point of the model")
@@ -199,10 +275,41 @@ class SAEHooksMixin:
         hook_point.set_splice(SplicedSAE(sae, name, self, use_error_term=use_error_term, positions=sae_positions))
         self.setup()
 
+    def _add_transcoder(
+        self: HookedVLM, sae: SAE, name: str, name_out: str, use_error_term: bool, sae_positions: Selector | None
+    ) -> None:
+        points = [self.hook_point(name), self.hook_point(name_out)]  # unknown names raise here
+        for point, width, what in zip(points, (sae.cfg.d_in, getattr(sae.cfg, "d_out", None)), ("d_in", "d_out"),
+                                      strict=True):
+            if not isinstance(point, BoundHookPoint) or _leaf(point.name) in PATTERN_HOOKS + HEAD_HOOKS:
+                raise ValueError(f"a transcoder reads and writes [.., d] vectors of the model, not {point.name!r}")
+            expected = sae_input_width(self, point.name)
+            if expected is not None and expected != width:
+                raise SAEShapeError(f"the transcoder has {what}={width}, but {point.name!r} carries vectors of width "
+                                    f"{expected} in this model")
+        source, target = points
+        if target.splice is not None:
+            warnings.warn(f"an SAE was already spliced at {name_out!r}; replacing it", stacklevel=3)
+            self._unsplice(target)
+        if source.splice is not None:
+            raise ValueError(f"an SAE is spliced at {name!r}, which the transcoder reads; remove it first (reset_saes)")
+        spliced = SplicedTranscoder(sae, source, name_out, self, use_error_term=use_error_term, positions=sae_positions)
+        self._set_splice(target, spliced)
+        self.setup()
+
+    @staticmethod
+    def _set_splice(hook_point: BoundHookPoint, splice: SplicedSAE | None) -> None:
+        """Splice (or, with ``None``, nothing) at ``hook_point``; a transcoder's input capture goes with it."""
+        hook_point.set_splice(splice)
+        if isinstance(splice, SplicedTranscoder):
+            splice.input_point.set_splice(splice.captured)
+
     def _unsplice(self: HookedVLM, hook_point: BoundHookPoint) -> None:
-        sae = hook_point.splice.sae
+        splice = hook_point.splice
         hook_point.set_splice(None)
-        sae.setup()  # give the SAE's hook points back their own names
+        if isinstance(splice, SplicedTranscoder):
+            splice.input_point.set_splice(None)
+        splice.sae.setup()  # give the SAE's hook points back their own names
 
     def reset_saes(self: HookedVLM, act_names: str | Sequence[str] | None = None) -> None:
         """Remove the SAEs spliced at ``act_names`` (all of them by default)."""
@@ -215,19 +322,23 @@ class SAEHooksMixin:
         self.setup()
 
     def _spliced(self: HookedVLM) -> dict[str, BoundHookPoint]:
+        """The hook name each spliced SAE reads (a transcoder's input hook) → the hook point it is spliced at."""
         return {
-            name: hp for name, hp in self.hook_dict.items() if isinstance(hp, BoundHookPoint) and hp.splice is not None
+            hp.splice.input_name: hp
+            for hp in self.hook_dict.values()
+            if isinstance(hp, BoundHookPoint) and isinstance(hp.splice, SplicedSAE)
         }
 
     @property
     def acts_to_saes(self: HookedVLM) -> dict[str, SAE]:
-        """Hook name → the SAE spliced there."""
+        """Hook name → the SAE spliced there (a transcoder under its input hook, as in sae_lens)."""
         return {name: hp.splice.sae for name, hp in self._spliced().items()}
 
     @staticmethod
     def get_sae_hook_name(sae: SAE, internal: str = "hook_sae_acts_post") -> str:
-        """The full name of one of the SAE's hook points once spliced: ``<hook>.hook_sae_acts_post``."""
-        return f"{sae.cfg.metadata.hook_name}.{internal}"
+        """The full name of one of the SAE's hook points once spliced: ``<hook>.hook_sae_acts_post`` (a transcoder's
+        are under its output hook)."""
+        return f"{output_hook_name(sae)}.{internal}"
 
     @contextmanager
     def saes(
@@ -243,7 +354,7 @@ class SAEHooksMixin:
         previous: dict[str, Any] = {}
         try:
             for sae in saes:
-                hook_point = self.hook_point(sae.cfg.metadata.hook_name or "")
+                hook_point = self.hook_point(output_hook_name(sae) or "")
                 previous.setdefault(hook_point.name, hook_point.splice)
                 if hook_point.splice is not None:
                     self._unsplice(hook_point)
@@ -255,7 +366,7 @@ class SAEHooksMixin:
                     hook_point = self.hook_point(name)
                     if hook_point.splice is not None:
                         self._unsplice(hook_point)
-                    hook_point.set_splice(splice)
+                    self._set_splice(hook_point, splice)
                 self.setup()
 
     def run_with_saes(
