@@ -204,7 +204,9 @@ class Run:
 
     def fire(self, hp: BoundHookPoint, x: Tensor) -> Tensor:
         """Pass ``x`` through the hook point, check what the user hooks returned, and track completion."""
-        if threading.get_ident() != self.thread:
+        # (not while compiling: dynamo cannot trace get_ident and would break the graph at every tap; a compiled
+        # harvest runs in the thread that holds the model's guard)
+        if not torch.compiler.is_compiling() and threading.get_ident() != self.thread:
             # another thread's forward (the raw model's, say) is going through this run's taps: it would run this
             # run's hooks, and this run's cache would record it
             raise ConcurrentRunError(
