@@ -26,6 +26,7 @@ from torch import nn
 from hooked_vlm.attention import AttentionFunctionTap
 from hooked_vlm.layout import InputLayout
 from hooked_vlm.taps import InputTap, OutputTap, ResidualSumTap, SplitHeads, Tap
+from hooked_vlm.widths import derived_hook_widths
 
 ADAPTERS: list[type[Adapter]] = []
 
@@ -177,6 +178,21 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def towers(self) -> list[TowerInfo]:
         """One :class:`TowerInfo` per tower (``vision``, ``text``, ``lm``), in forward order."""
+
+    def hook_widths(self) -> dict[str, int | None]:
+        """Hook name → the width of the vector it carries per position (``head · d_head`` for head hooks; ``None``
+        for attention scores and patterns): what an SAE spliced there must read, checked by ``add_sae``.
+
+        The default (:func:`~hooked_vlm.widths.derived_hook_widths`) sizes per-block hooks from :meth:`towers`
+        and the others from the module their tap sits on. Override to add what it cannot see (a family tap, a
+        projection held as a parameter): ``return super().hook_widths() | {"hook_image_embeds": d}``.
+        """
+        return derived_hook_widths(self.model, self.hook_map(), self.towers())
+
+    def image_projection(self) -> torch.Tensor | None:
+        """``[d_vision, d_embed]``: the linear map from the pooled vision feature (``vision.hook_out``) to
+        ``hook_image_embeds``, for two-tower models that have one (direct attribution reads it); else ``None``."""
+        return None
 
     def tower_of_prefix(self) -> Mapping[str, str]:
         """Hook-name prefix → layout tower for prefixes that do not name a tower themselves."""

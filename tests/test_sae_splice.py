@@ -172,13 +172,10 @@ def test_misfits_raise_clear_errors(clip, llava, images):
     with pytest.raises(ValueError, match="attention scores and patterns"):
         clip.add_sae(random_sae(17, "vision.blocks.0.attn.hook_pattern"))
     assert clip.acts_to_saes == {}
-    # a hook without a width known up front (the projector) is checked on the first forward, naming it
-    llava.add_sae(random_sae(16, "projector.hook_out"))
-    try:
-        with pytest.raises(SAEShapeError, match="projector.hook_out.*d_in=16"):
-            llava(images[:1], prompt=PROMPT)
-    finally:
-        llava.reset_saes()
+    # hooks outside the blocks are checked up front too (the projector's output has the LM's width)
+    with pytest.raises(SAEShapeError, match="'projector.hook_out': the SAE has d_in=16, but .* width 32"):
+        llava.add_sae(random_sae(16, "projector.hook_out"))
+    assert llava.acts_to_saes == {}
 
 
 @torch.no_grad()
