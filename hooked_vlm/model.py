@@ -36,7 +36,7 @@ from hooked_vlm.taps import (
     install_taps,
     remove_all,
 )
-from hooked_vlm.widths import block_hook_width, tap_width
+from hooked_vlm.widths import block_hook_width, stated_width
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
@@ -233,18 +233,21 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         """The width of the vector ``name`` carries per position (``head · d_head`` for hooks split into heads):
         what an SAE, probe or steering vector there reads, from :meth:`Adapter.hook_widths
         <hooked_vlm.adapter.Adapter.hook_widths>`; ``None`` for attention scores and patterns, and for a module-path
-        hook point whose module states no width. Unknown names raise :class:`UnknownHookError`."""
+        hook point whose module states no width (checked on the first forward instead). Unknown names raise :class:`UnknownHookError`."""
         hook_point = self.hook_point(name)
         if self._hook_widths is None:
             self._hook_widths = self.adapter.hook_widths()
         if name in self._hook_widths:
             return self._hook_widths[name]
-        # what the adapter's hook map does not list: head results (added here) and module-path hook points
+        # what the adapter's hook map does not list: head results (added here) and module-path hook points, whose
+        # width is known only where their module states it (a Linear, a norm, ...), not guessed from its neighbours
         parts = block_parts(name)
         towers = {tower.name: tower for tower in self.adapter.towers()}
         if parts is not None and parts[0] in towers:
             return block_hook_width(towers[parts[0]], parts[2])
-        return tap_width(self.raw_model, hook_point.tap) if isinstance(hook_point, BoundHookPoint) else None
+        if not isinstance(hook_point, BoundHookPoint) or not isinstance(hook_point.tap, (InputTap, OutputTap)):
+            return None
+        return stated_width(self.raw_model.get_submodule(hook_point.tap.module), isinstance(hook_point.tap, OutputTap))
 
     def resolve_names(self, names_filter: NamesFilter) -> list[BoundHookPoint]:
         """The hook points a TransformerLens-style ``names_filter`` selects; unknown names raise."""

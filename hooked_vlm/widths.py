@@ -49,8 +49,8 @@ def block_hook_width(tower: TowerInfo, suffix: str) -> int | None:
     return None
 
 
-def _own_width(module: nn.Module, output: bool) -> int | None:
-    """The width a module states itself on one side (``None``: a container, or nothing stated)."""
+def stated_width(module: nn.Module, output: bool) -> int | None:
+    """The width a module states itself on one side, for certain (``None``: a container, or nothing stated)."""
     if isinstance(module, nn.Linear):
         return module.out_features if output else module.in_features
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -72,7 +72,7 @@ def _is_shapeless(module: nn.Module) -> bool:
 
 def output_width(module: nn.Module) -> int | None:
     """The width of ``module``'s output as its own structure states it."""
-    width = _own_width(module, output=True)
+    width = stated_width(module, output=True)
     if width is not None or not module._modules:
         return width
     for child in reversed(list(module.children())):
@@ -83,7 +83,7 @@ def output_width(module: nn.Module) -> int | None:
 
 def input_width(module: nn.Module) -> int | None:
     """The width of ``module``'s first input as its own structure states it."""
-    width = _own_width(module, output=False)
+    width = stated_width(module, output=False)
     if width is not None or not module._modules or isinstance(module, nn.Embedding):
         return width
     for child in module.children():
