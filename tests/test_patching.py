@@ -20,6 +20,7 @@ from hooked_vlm.patching import (
     activation_patching,
     attention_knockout,
     attribution_patching,
+    integrated_gradients,
     knockout_hooks,
     mean_activation,
 )
@@ -280,6 +281,27 @@ def test_integrated_gradients_move_closer_to_activation_patching(name, family, p
     # a hook's attributions sum to the exact effect of patching all of it as the steps grow (completeness)
     assert errors[0] > errors[1] > errors[2] and errors[2] < 5e-3 * float(whole.abs().max())
     assert cell_errors[2] < cell_errors[0]
+
+
+def test_integrated_gradients_are_complete_where_first_order_attribution_is_not(clip):
+    # every path from the pixels to the readout goes through vision.hook_embed: patching all of it is running the
+    # clean image, so a complete attribution sums to readout(clean) - readout(corrupted), read off the two runs
+    model, readout = clip.model, clip.readout
+    with torch.no_grad():
+        difference = clip.value(model(clip.clean)) - clip.value(model(clip.corrupted))
+    args = (model, clip.clean, clip.corrupted, readout, "vision.hook_embed")
+    integrated = integrated_gradients(*args, steps=16, progress=False)
+    per_position = integrated_gradients(*args, steps=16, positions="all", progress=False)
+    first_order = attribution_patching(*args, progress=False)
+    ig_error = abs(float(integrated.effect().sum()) - difference)
+    assert ig_error < 2e-3 * abs(difference)
+    assert abs(float(per_position.effect().sum()) - difference) < 2e-3 * abs(difference)  # the sum over positions too
+    assert abs(float(first_order.effect().sum()) - difference) > 20 * ig_error
+    assert integrated.method == "integrated gradients" and first_order.method == "attribution patching"
+    # the old keyword is the same computation
+    assert torch.equal(attribution_patching(*args, ig_steps=16, progress=False).values, integrated.values)
+    with pytest.raises(ValueError, match="steps must be a positive number"):
+        integrated_gradients(*args, steps=0)
 
 
 @pytest.mark.parametrize("name", ["clip", "llava_onevision"])
