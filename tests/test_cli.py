@@ -253,6 +253,24 @@ def test_from_pretrained_takes_the_specs_the_cli_takes():
         HookedVLM.from_pretrained("./no/such/folder", device="cpu")
 
 
+def test_one_entry_point_parses_every_command(capsys):
+    from hooked_vlm.cli import build_parser
+    from hooked_vlm.sae import cli as sae_cli
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"inspect", "hooks", "harvest", "train-sae", "aesthetic-features"} <= set(commands)
+    # `python -m hooked_vlm.sae` is the same parser under its own name, and its errors are the same one line
+    assert sae_cli.main(["harvest", "--hook", "vision.blocks.0.hook_resid_pots", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("hooked-vlm: error: unknown hook name")
+    with pytest.raises(SystemExit):
+        sae_cli.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m hooked_vlm.sae")
+    help_text = subprocess.run(
+        [sys.executable, "-m", "hooked_vlm.sae", "train-sae", "--help"], capture_output=True, text=True, cwd=REPO
+    ).stdout
+    assert help_text.startswith("usage: python -m hooked_vlm.sae train-sae")
+
+
 def test_old_cli_names_still_import():
     from hooked_vlm import cli, report
 
