@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from jaxtyping import Float
 from torch import nn
 
 from hooked_vlm.attention import AttentionFunctionTap
@@ -51,7 +52,9 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
             continue
         shared = [c for c in cls.claimed_classes() if c in other.claimed_classes()]
         if shared or other.family == cls.family:
-            what = f"model class {shared[0].__module__}.{shared[0].__qualname__}" if shared else f"family {cls.family!r}"
+            what = (
+                f"model class {shared[0].__module__}.{shared[0].__qualname__}" if shared else f"family {cls.family!r}"
+            )
             raise AdapterConflictError(
                 f"{cls.__module__}.{cls.__qualname__} claims the {what}, which "
                 f"{other.__module__}.{other.__qualname__} already claims; give each model class one adapter "
@@ -189,7 +192,7 @@ class Adapter(abc.ABC):
         """
         return derived_hook_widths(self.model, self.hook_map(), self.towers())
 
-    def image_projection(self) -> torch.Tensor | None:
+    def image_projection(self) -> Float[torch.Tensor, "d_vision d_embed"] | None:
         """``[d_vision, d_embed]``: the linear map from the pooled vision feature (``vision.hook_out``) to
         ``hook_image_embeds``, for two-tower models that have one (direct attribution reads it); else ``None``."""
         return None
@@ -262,7 +265,14 @@ class Adapter(abc.ABC):
 #: keyword arguments of :meth:`HFAdapter.load` that address the checkpoint on the hub or on disk: they go to the
 #: model's and the processor's ``from_pretrained`` alike, so both come from the same revision, cache and token
 HUB_KEYWORDS = (
-    "revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "subfolder", "trust_remote_code",
+    "revision",
+    "token",
+    "cache_dir",
+    "local_files_only",
+    "force_download",
+    "proxies",
+    "subfolder",
+    "trust_remote_code",
 )
 
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from hooked_vlm.model import HookedVLM
 
+
 class _DTypes(Mapping):
     """``--dtype`` names → torch dtypes, resolved on first lookup (the names alone build the parser)."""
 
@@ -60,9 +61,17 @@ class CLIError(Exception):
 
 
 #: library names that lived here before hooked_vlm.report / hooked_vlm.loading (kept importable from here)
-_MOVED = {name: "hooked_vlm.report" for name in (
-    "default_text", "record_shapes", "hook_rows", "inspect_report", "meta_shapes", "table",
-)}
+_MOVED = {
+    name: "hooked_vlm.report"
+    for name in (
+        "default_text",
+        "record_shapes",
+        "hook_rows",
+        "inspect_report",
+        "meta_shapes",
+        "table",
+    )
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -102,7 +111,9 @@ def _image(path: str | None) -> Image.Image:
 def cmd_inspect(args: argparse.Namespace) -> int:
     spec = args.model or DEFAULT_MODEL
     if spec.startswith("config:"):
-        raise CLIError(f"{spec} has no weights (meta device) to run an image through; `hooked-vlm hooks {spec}` lists its shapes")
+        raise CLIError(
+            f"{spec} has no weights (meta device) to run an image through; `hooked-vlm hooks {spec}` lists its shapes"
+        )
     from pathlib import Path
 
     from tqdm import tqdm
@@ -121,7 +132,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         cache = record_shapes(model, prepared)
         progress.update()
         progress.set_postfix_str("flow diagram")
-        flow_diagram(model, cache, out / "flow.png", image=image, inputs=prepared.kwargs, title=f"{spec}: image → embeddings")
+        flow_diagram(
+            model, cache, out / "flow.png", image=image, inputs=prepared.kwargs, title=f"{spec}: image → embeddings"
+        )
         progress.update()
         progress.set_postfix_str("report")
         report = inspect_report(model, spec, cache, prepared, image, "flow.png", verbose=args.verbose)
@@ -167,7 +180,9 @@ def build_parser(prog: str = "hooked-vlm") -> argparse.ArgumentParser:
     inspect.set_defaults(run=cmd_inspect)
 
     hooks = commands.add_parser("hooks", help="list every canonical hook name with its shape and meaning")
-    add_model_options(hooks, f"as for inspect, or config:NAME, a shipped config on the meta device (default {DEFAULT_MODEL})")
+    add_model_options(
+        hooks, f"as for inspect, or config:NAME, a shipped config on the meta device (default {DEFAULT_MODEL})"
+    )
     hooks.add_argument("--markdown", action="store_true", help="print a markdown table (doc/hook_reference.md)")
     hooks.add_argument("--collapse", action="store_true", help="one row per per-block name: vision.blocks.{0..23}.…")
     hooks.set_defaults(run=cmd_hooks)

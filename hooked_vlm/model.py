@@ -68,9 +68,7 @@ class _Namespace(nn.Module):
 def check_device(device: Any, explicit: bool) -> None:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         asked = f"device={str(device)!r} was asked for" if explicit else "the default device is CUDA"
-        raise RuntimeError(
-            f"CUDA is not available on this machine and {asked}; pass device='cpu' to run on the CPU"
-        )
+        raise RuntimeError(f"CUDA is not available on this machine and {asked}; pass device='cpu' to run on the CPU")
 
 
 class HookedVLM(SAEHooksMixin, HookedRootModule):
@@ -143,7 +141,9 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         device = device if explicit else "cuda"
         if "device_map" not in hf_kwargs and not name_or_path.startswith("config:"):
             check_device(device, explicit)
-        return cls(load_adapter(name_or_path, device=device, dtype=dtype, attn_implementation=attn_implementation, **hf_kwargs))
+        return cls(
+            load_adapter(name_or_path, device=device, dtype=dtype, attn_implementation=attn_implementation, **hf_kwargs)
+        )
 
     # ---- the hook-name tree ---------------------------------------------------------------------------------------
     def _new_hook_point(self, tap) -> BoundHookPoint:
@@ -232,8 +232,9 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
     def hook_width(self, name: str) -> int | None:
         """The width of the vector ``name`` carries per position (``head · d_head`` for hooks split into heads):
         what an SAE, probe or steering vector there reads, from :meth:`Adapter.hook_widths
-        <hooked_vlm.adapter.Adapter.hook_widths>`; ``None`` for attention scores and patterns, and for a module-path
-        hook point whose module states no width (checked on the first forward instead). Unknown names raise :class:`UnknownHookError`."""
+        <hooked_vlm.adapter.Adapter.hook_widths>`. ``None`` for attention scores and patterns, and for a
+        module-path hook point whose module states no width (an SAE there is checked on its first forward).
+        Unknown names raise :class:`UnknownHookError`."""
         hook_point = self.hook_point(name)
         if self._hook_widths is None:
             self._hook_widths = self.adapter.hook_widths()
@@ -280,7 +281,10 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
     def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False):
         """TransformerLens's ``hooks`` context, held by one thread: another thread's run on this model raises
         :class:`~hooked_vlm.taps.ConcurrentRunError` instead of adding its hooks to this one's."""
-        with self._run_guard.held(), super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts) as m:
+        with (
+            self._run_guard.held(),
+            super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts) as m,
+        ):
             yield m
 
     def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None) -> None:
@@ -485,8 +489,7 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
 
     def __repr__(self) -> str:
         return (
-            f"HookedVLM({self.adapter.family}: {type(self.raw_model).__name__}, "
-            f"{len(self.hook_names())} hook points)"
+            f"HookedVLM({self.adapter.family}: {type(self.raw_model).__name__}, {len(self.hook_names())} hook points)"
         )
 
 
