@@ -98,6 +98,10 @@ class CLIPAdapter(HFAdapter):
             hooks["hook_text_embeds"] = OutputTap("text_projection")
         return hooks
 
+    def image_projection(self) -> torch.Tensor | None:
+        projection = getattr(self.model, "visual_projection", None)
+        return None if projection is None else projection.weight.T
+
     # ---- inputs -----------------------------------------------------------------------------------------------------
     def prepare(self, inputs: Any, *, text: Any = None, prompt: Any = None, **kwargs) -> Prepared:
         if prompt is not None:

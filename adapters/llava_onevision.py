@@ -45,6 +45,7 @@ from hooked_vlm.adapter import BlockPaths, HFAdapter, Prepared, TowerInfo, block
 from hooked_vlm.inputs import chat_prompts, check_type, is_pixel_values, is_processor_output, model_keywords, to_model
 from hooked_vlm.layout import InputLayout, Kind, TowerLayout, text_tower
 from hooked_vlm.taps import InputTap, InstanceOverride, OutputTap, Tap, submodule
+from hooked_vlm.widths import output_width
 
 SIGLIP_BLOCK = BlockPaths(ln1="layer_norm1", attn="self_attn", ln2="layer_norm2", mlp="mlp")
 QWEN2_BLOCK = BlockPaths(
@@ -289,6 +290,14 @@ class LlavaOnevisionAdapter(HFAdapter):
             hooks |= block_hooks(f"lm.blocks.{i}", f"{LM}.layers.{i}", QWEN2_BLOCK, lm.d_head, rotary=True)
         hooks["lm.ln_final.hook_normalized"] = OutputTap(f"{LM}.norm")
         return hooks
+
+    def hook_widths(self) -> dict[str, int | None]:
+        # the two family taps: the packed rows are the projector's, the LM input its token embeddings' width
+        lm_embeddings = submodule(self.model, f"{LM}.embed_tokens")
+        return super().hook_widths() | {
+            "projector.hook_packed": output_width(submodule(self.model, PROJECTOR)),
+            "lm.hook_embed": output_width(lm_embeddings),
+        }
 
     def _feature_tap(self, n_layers: int) -> Tap:
         """``vision.hook_out``: the hidden state ``vision_feature_layer`` selects; ``hidden_states[i]`` (i ≥ 1) is

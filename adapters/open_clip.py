@@ -151,6 +151,13 @@ class TextEmbedsTap(Tap):
         return "encode_text → return value (before normalize)"
 
 
+def _projected_width(projection: Tensor | nn.Linear | None, norm: nn.LayerNorm) -> int:
+    """The width after an optional projection (a ``[width, embed]`` parameter or a Linear) of ``norm``'s output."""
+    if projection is None:
+        return norm.normalized_shape[-1]
+    return projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1]
+
+
 def _block_hooks(prefix: str, block: str) -> dict[str, Tap]:
     """The canonical per-block hook set (doc/hook_reference.md) of one ``ResidualAttentionBlock`` (``x + ls_1(attn(ln_1 x))``, ...)."""
     hooks: dict[str, Tap] = {
@@ -308,6 +315,16 @@ class OpenCLIPAdapter(Adapter):
         hooks["text.ln_final.hook_normalized"] = OutputTap("ln_final")
         hooks["hook_text_embeds"] = TextEmbedsTap("")
         return hooks
+
+    def hook_widths(self) -> dict[str, int | None]:
+        # both embeddings come out of a bare projection parameter ([width, embed]), which no module states
+        return super().hook_widths() | {
+            "hook_image_embeds": _projected_width(self.model.visual.proj, self.model.visual.ln_post),
+            "hook_text_embeds": _projected_width(self.model.text_projection, self.model.ln_final),
+        }
+
+    def image_projection(self) -> Tensor | None:
+        return self.model.visual.proj
 
     # ---- inputs -----------------------------------------------------------------------------------------------------
     def prepare(self, inputs: Any, *, text: Any = None, prompt: Any = None, **kwargs) -> Prepared:

@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from jaxtyping import Float
 from torch import nn
 
 from hooked_vlm.attention import AttentionFunctionTap
 from hooked_vlm.inputs import processor_part
 from hooked_vlm.layout import InputLayout
 from hooked_vlm.taps import InputTap, OutputTap, ResidualSumTap, SplitHeads, Tap
+from hooked_vlm.widths import derived_hook_widths
 
 ADAPTERS: list[type[Adapter]] = []
 
@@ -51,7 +53,9 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
             continue
         shared = [c for c in cls.claimed_classes() if c in other.claimed_classes()]
         if shared or other.family == cls.family:
-            what = f"model class {shared[0].__module__}.{shared[0].__qualname__}" if shared else f"family {cls.family!r}"
+            what = (
+                f"model class {shared[0].__module__}.{shared[0].__qualname__}" if shared else f"family {cls.family!r}"
+            )
             raise AdapterConflictError(
                 f"{cls.__module__}.{cls.__qualname__} claims the {what}, which "
                 f"{other.__module__}.{other.__qualname__} already claims; give each model class one adapter "
@@ -179,6 +183,21 @@ class Adapter(abc.ABC):
     def towers(self) -> list[TowerInfo]:
         """One :class:`TowerInfo` per tower (``vision``, ``text``, ``lm``), in forward order."""
 
+    def hook_widths(self) -> dict[str, int | None]:
+        """Hook name → the width of the vector it carries per position (``head · d_head`` for head hooks; ``None``
+        for attention scores and patterns): what an SAE spliced there must read, checked by ``add_sae``.
+
+        The default (:func:`~hooked_vlm.widths.derived_hook_widths`) sizes per-block hooks from :meth:`towers`
+        and the others from the module their tap sits on. Override to add what it cannot see (a family tap, a
+        projection held as a parameter): ``return super().hook_widths() | {"hook_image_embeds": d}``.
+        """
+        return derived_hook_widths(self.model, self.hook_map(), self.towers())
+
+    def image_projection(self) -> Float[torch.Tensor, "d_vision d_embed"] | None:
+        """``[d_vision, d_embed]``: the linear map from the pooled vision feature (``vision.hook_out``) to
+        ``hook_image_embeds``, for two-tower models that have one (direct attribution reads it); else ``None``."""
+        return None
+
     def tower_of_prefix(self) -> Mapping[str, str]:
         """Hook-name prefix → layout tower for prefixes that do not name a tower themselves."""
         return {}
@@ -255,7 +274,14 @@ class Adapter(abc.ABC):
 #: keyword arguments of :meth:`HFAdapter.load` that address the checkpoint on the hub or on disk: they go to the
 #: model's and the processor's ``from_pretrained`` alike, so both come from the same revision, cache and token
 HUB_KEYWORDS = (
-    "revision", "token", "cache_dir", "local_files_only", "force_download", "proxies", "subfolder", "trust_remote_code",
+    "revision",
+    "token",
+    "cache_dir",
+    "local_files_only",
+    "force_download",
+    "proxies",
+    "subfolder",
+    "trust_remote_code",
 )
 
 

@@ -105,12 +105,9 @@ class DirectAttribution:
 
 
 def _image_projection(model) -> Float[Tensor, "d_model d_embed"]:
-    raw = model.raw_model
-    if hasattr(raw, "visual_projection"):
-        return raw.visual_projection.weight.T
-    visual = getattr(raw, "visual", None)
-    if visual is not None and isinstance(getattr(visual, "proj", None), Tensor):
-        return visual.proj
+    projection = model.adapter.image_projection()
+    if projection is not None:
+        return projection
     raise ValueError(f"this {model.adapter.family} model has no image projection (hook_image_embeds)")
 
 

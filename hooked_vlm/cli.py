@@ -2,6 +2,7 @@
 
     hooked-vlm inspect [MODEL] [--image PATH] [--out DIR] [--device cpu|cuda] [--dtype ...] [--verbose]
     hooked-vlm hooks [MODEL] [--markdown] [--collapse]
+    hooked-vlm harvest | train-sae | aesthetic-features ...   (Phase 1, :mod:`hooked_vlm.sae.cli`)
 
 ``inspect`` writes the Phase 0 report of a model (hook names and shapes for one image, heads per tower, the
 projector / projection structure, an image → embeddings flow diagram) as markdown and PNG. ``hooks`` lists every
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
     from hooked_vlm.model import HookedVLM
 
+
 class _DTypes(Mapping):
     """``--dtype`` names → torch dtypes, resolved on first lookup (the names alone build the parser)."""
 
@@ -59,9 +61,17 @@ class CLIError(Exception):
 
 
 #: library names that lived here before hooked_vlm.report / hooked_vlm.loading (kept importable from here)
-_MOVED = {name: "hooked_vlm.report" for name in (
-    "default_text", "record_shapes", "hook_rows", "inspect_report", "meta_shapes", "table",
-)}
+_MOVED = {
+    name: "hooked_vlm.report"
+    for name in (
+        "default_text",
+        "record_shapes",
+        "hook_rows",
+        "inspect_report",
+        "meta_shapes",
+        "table",
+    )
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -74,7 +84,8 @@ def __getattr__(name: str) -> Any:
 # Commands.
 
 
-def _load(spec: str | None, device: str | None = None, dtype: str | None = None) -> HookedVLM:
+def load_for_command(spec: str | None, device: str | None = None, dtype: str | None = None) -> HookedVLM:
+    """The model a command names (``--dtype`` as a name), with loading mistakes as a one-line :class:`CLIError`."""
     try:
         return load_model(spec, device=device, dtype=DTYPES[dtype] if dtype else None)
     except KeyError as error:  # str() of a KeyError is its repr
@@ -100,7 +111,9 @@ def _image(path: str | None) -> Image.Image:
 def cmd_inspect(args: argparse.Namespace) -> int:
     spec = args.model or DEFAULT_MODEL
     if spec.startswith("config:"):
-        raise CLIError(f"{spec} has no weights (meta device) to run an image through; `hooked-vlm hooks {spec}` lists its shapes")
+        raise CLIError(
+            f"{spec} has no weights (meta device) to run an image through; `hooked-vlm hooks {spec}` lists its shapes"
+        )
     from pathlib import Path
 
     from tqdm import tqdm
@@ -112,14 +125,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with tqdm(total=4, desc="inspect", unit="step", file=sys.stderr) as progress:
         progress.set_postfix_str("load model")
-        model = _load(spec, args.device, args.dtype)
+        model = load_for_command(spec, args.device, args.dtype)
         progress.update()
         progress.set_postfix_str("run one image")
         prepared = model.prepare_inputs(image, **default_text(model, args.prompt, args.caption))
         cache = record_shapes(model, prepared)
         progress.update()
         progress.set_postfix_str("flow diagram")
-        flow_diagram(model, cache, out / "flow.png", image=image, inputs=prepared.kwargs, title=f"{spec}: image → embeddings")
+        flow_diagram(
+            model, cache, out / "flow.png", image=image, inputs=prepared.kwargs, title=f"{spec}: image → embeddings"
+        )
         progress.update()
         progress.set_postfix_str("report")
         report = inspect_report(model, spec, cache, prepared, image, "flow.png", verbose=args.verbose)
@@ -134,7 +149,7 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     from hooked_vlm.report import default_text, hook_rows, meta_shapes, record_shapes, table
     from hooked_vlm.testing import sample_image
 
-    model = _load(args.model, args.device, args.dtype)
+    model = load_for_command(args.model, args.device, args.dtype)
     if args.model and args.model.startswith("config:"):
         cache = meta_shapes(model)
     else:
@@ -144,8 +159,10 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hooked-vlm", description="Hook points of vision(-language) models.")
+def build_parser(prog: str = "hooked-vlm") -> argparse.ArgumentParser:
+    """The parser of every command: ``inspect`` and ``hooks`` here, the Phase 1 commands from
+    :func:`hooked_vlm.sae.cli.add_commands` (each module adds its own sub-commands)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Hook points of vision(-language) models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_model_options(command: argparse.ArgumentParser, model_help: str) -> None:
@@ -163,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=cmd_inspect)
 
     hooks = commands.add_parser("hooks", help="list every canonical hook name with its shape and meaning")
-    add_model_options(hooks, f"as for inspect, or config:NAME, a shipped config on the meta device (default {DEFAULT_MODEL})")
+    add_model_options(
+        hooks, f"as for inspect, or config:NAME, a shipped config on the meta device (default {DEFAULT_MODEL})"
+    )
     hooks.add_argument("--markdown", action="store_true", help="print a markdown table (doc/hook_reference.md)")
     hooks.add_argument("--collapse", action="store_true", help="one row per per-block name: vision.blocks.{0..23}.…")
     hooks.set_defaults(run=cmd_hooks)
@@ -174,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "hooked-vlm") -> int:
+    """The one entry point: ``hooked-vlm`` and ``python -m hooked_vlm.sae`` (``prog`` names it in help and usage)."""
+    args = build_parser(prog).parse_args(argv)
     try:
         return args.run(args)
     except CLIError as error:

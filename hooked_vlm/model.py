@@ -18,12 +18,12 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from hooked_vlm.adapter import ADAPTERS, Adapter, Prepared
+from hooked_vlm.adapter import Adapter, Prepared
 from hooked_vlm.cache import QUERY_HEAD_HOOKS, ActivationCache, HostCopies, Slicer, stash
 from hooked_vlm.head_results import with_head_results
 from hooked_vlm.layout import Selector
 from hooked_vlm.names import block_parts
-from hooked_vlm.sae.splice import SAEHooksMixin
+from hooked_vlm.sae_hooks import SAEHooksMixin
 from hooked_vlm.taps import (
     BoundHookPoint,
     InputTap,
@@ -36,6 +36,7 @@ from hooked_vlm.taps import (
     install_taps,
     remove_all,
 )
+from hooked_vlm.widths import block_hook_width, stated_width
 
 NamesFilter = str | Sequence[str] | Callable[[str], bool] | None
 
@@ -64,16 +65,10 @@ class _Namespace(nn.Module):
     """A node of the hook-name tree (``vision``, ``vision.blocks``, ``vision.blocks.3``, ...)."""
 
 
-def _ensure_adapters_loaded() -> None:
-    import hooked_vlm.adapters  # noqa: F401  (registers every family)
-
-
 def check_device(device: Any, explicit: bool) -> None:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         asked = f"device={str(device)!r} was asked for" if explicit else "the default device is CUDA"
-        raise RuntimeError(
-            f"CUDA is not available on this machine and {asked}; pass device='cpu' to run on the CPU"
-        )
+        raise RuntimeError(f"CUDA is not available on this machine and {asked}; pass device='cpu' to run on the CPU")
 
 
 class HookedVLM(SAEHooksMixin, HookedRootModule):
@@ -97,6 +92,7 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         #: the prepared inputs of the run in progress (None between runs): hooks that act on chosen positions
         #: (steering) resolve their selectors against its layout
         self.current_inputs: Prepared | None = None
+        self._hook_widths: dict[str, int | None] | None = None  # the adapter's, on first use (hook_width)
         # attn.hook_result derived from each hook_z on a Linear's input (hooked_vlm.head_results)
         for name, tap in with_head_results(adapter.hook_map(), adapter.model).items():
             self._place(name, self._new_hook_point(tap))
@@ -110,12 +106,9 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         A model spread over several devices by accelerate (``accelerate.dispatch_model``,
         :func:`hooked_vlm.testing.dispatch`) is wrapped as it is; see :meth:`from_pretrained` for what changes.
         """
-        _ensure_adapters_loaded()
-        for adapter in ADAPTERS:
-            if adapter.matches_model(model):
-                return cls(adapter(model, processor))
-        supported = ", ".join(sorted({a.family for a in ADAPTERS}))
-        raise TypeError(f"no hooked_vlm adapter for {type(model).__name__}; supported families: {supported}")
+        from hooked_vlm.loading import adapter_for_model
+
+        return cls(adapter_for_model(model, processor))
 
     @classmethod
     def from_pretrained(
@@ -148,7 +141,9 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
         device = device if explicit else "cuda"
         if "device_map" not in hf_kwargs and not name_or_path.startswith("config:"):
             check_device(device, explicit)
-        return cls(load_adapter(name_or_path, device=device, dtype=dtype, attn_implementation=attn_implementation, **hf_kwargs))
+        return cls(
+            load_adapter(name_or_path, device=device, dtype=dtype, attn_implementation=attn_implementation, **hf_kwargs)
+        )
 
     # ---- the hook-name tree ---------------------------------------------------------------------------------------
     def _new_hook_point(self, tap) -> BoundHookPoint:
@@ -234,6 +229,27 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
             f"wrapped model is reachable as '{raw}.<module path>.hook_out' or '.hook_in')"
         )
 
+    def hook_width(self, name: str) -> int | None:
+        """The width of the vector ``name`` carries per position (``head · d_head`` for hooks split into heads):
+        what an SAE, probe or steering vector there reads, from :meth:`Adapter.hook_widths
+        <hooked_vlm.adapter.Adapter.hook_widths>`. ``None`` for attention scores and patterns, and for a
+        module-path hook point whose module states no width (an SAE there is checked on its first forward).
+        Unknown names raise :class:`UnknownHookError`."""
+        hook_point = self.hook_point(name)
+        if self._hook_widths is None:
+            self._hook_widths = self.adapter.hook_widths()
+        if name in self._hook_widths:
+            return self._hook_widths[name]
+        # what the adapter's hook map does not list: head results (added here) and module-path hook points, whose
+        # width is known only where their module states it (a Linear, a norm, ...), not guessed from its neighbours
+        parts = block_parts(name)
+        towers = {tower.name: tower for tower in self.adapter.towers()}
+        if parts is not None and parts[0] in towers:
+            return block_hook_width(towers[parts[0]], parts[2])
+        if not isinstance(hook_point, BoundHookPoint) or not isinstance(hook_point.tap, (InputTap, OutputTap)):
+            return None
+        return stated_width(self.raw_model.get_submodule(hook_point.tap.module), isinstance(hook_point.tap, OutputTap))
+
     def resolve_names(self, names_filter: NamesFilter) -> list[BoundHookPoint]:
         """The hook points a TransformerLens-style ``names_filter`` selects; unknown names raise."""
         if names_filter is None:
@@ -265,21 +281,11 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
     def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False):
         """TransformerLens's ``hooks`` context, held by one thread: another thread's run on this model raises
         :class:`~hooked_vlm.taps.ConcurrentRunError` instead of adding its hooks to this one's."""
-        with self._run_guard.held(), super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts) as m:
+        with (
+            self._run_guard.held(),
+            super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts) as m,
+        ):
             yield m
-
-    @contextmanager
-    def saes(self, *args, **kwargs):
-        with self._run_guard.held(), super().saes(*args, **kwargs) as m:
-            yield m
-
-    def add_sae(self, *args, **kwargs) -> None:
-        with self._run_guard.held():
-            return super().add_sae(*args, **kwargs)
-
-    def reset_saes(self, *args, **kwargs) -> None:
-        with self._run_guard.held():
-            return super().reset_saes(*args, **kwargs)
 
     def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None) -> None:
         # TransformerLens visits every hook point (~1000 on a VLM) at the end of every run_with_cache /
@@ -483,8 +489,7 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
 
     def __repr__(self) -> str:
         return (
-            f"HookedVLM({self.adapter.family}: {type(self.raw_model).__name__}, "
-            f"{len(self.hook_names())} hook points)"
+            f"HookedVLM({self.adapter.family}: {type(self.raw_model).__name__}, {len(self.hook_names())} hook points)"
         )
 
 

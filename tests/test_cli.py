@@ -154,10 +154,16 @@ def test_every_hook_name_of_every_adapter_is_described(tiny):
 
 
 def test_describe_hook_falls_back_without_raising():
-    assert describe_hook("lm.blocks.7.attn.hook_rot_k") == ("[batch, pos, head, d_head]", describe_hook("attn.hook_rot_k")[1])
+    assert describe_hook("lm.blocks.7.attn.hook_rot_k") == (
+        "[batch, pos, head, d_head]",
+        describe_hook("attn.hook_rot_k")[1],
+    )
     assert describe_hook("projector.hook_packed")[0] == "[batch, image_tokens, d_lm]"
     assert describe_hook("projector.mlp.hook_post")[1].endswith("(projector)")
-    assert describe_hook("hf.vision_model.encoder.layers.0.mlp.hook_out")[1] == "output of 'hf.vision_model.encoder.layers.0.mlp'"
+    assert (
+        describe_hook("hf.vision_model.encoder.layers.0.mlp.hook_out")[1]
+        == "output of 'hf.vision_model.encoder.layers.0.mlp'"
+    )
     assert describe_hook("vision.blocks.0.attn.hook_unheard_of")[0] == "?"
 
 
@@ -208,7 +214,9 @@ def test_head_grid_puts_layer_0_head_0_top_left(tmp_path):
 def test_phase0_example_runs_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "examples" / "phase0_model_access.py"), "--out", str(tmp_path)],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     checklist = result.stdout.split("Phase 0 checklist")[1]
@@ -240,7 +248,9 @@ def test_from_pretrained_takes_the_specs_the_cli_takes():
     assert DEFAULT_MODEL == "tiny:clip"
     assert model.hook_names() == reference.hook_names()
     # the tiny factories are seeded: the same weights as building the model by hand
-    for (name, p), (_, q) in zip(model.raw_model.named_parameters(), reference.raw_model.named_parameters(), strict=True):
+    for (name, p), (_, q) in zip(
+        model.raw_model.named_parameters(), reference.raw_model.named_parameters(), strict=True
+    ):
         assert torch.equal(p, q), name
     meta = HookedVLM.from_pretrained("config:openai/clip-vit-large-patch14")  # no CUDA needed: it lives on meta
     assert next(meta.raw_model.parameters()).is_meta
@@ -251,6 +261,24 @@ def test_from_pretrained_takes_the_specs_the_cli_takes():
         HookedVLM.from_pretrained("tiny:clip", device="cpu", revision="main")
     with pytest.raises(FileNotFoundError, match="model folder not found: ./no/such/folder"):
         HookedVLM.from_pretrained("./no/such/folder", device="cpu")
+
+
+def test_one_entry_point_parses_every_command(capsys):
+    from hooked_vlm.cli import build_parser
+    from hooked_vlm.sae import cli as sae_cli
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"inspect", "hooks", "harvest", "train-sae", "aesthetic-features"} <= set(commands)
+    # `python -m hooked_vlm.sae` is the same parser under its own name, and its errors are the same one line
+    assert sae_cli.main(["harvest", "--hook", "vision.blocks.0.hook_resid_pots", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("hooked-vlm: error: unknown hook name")
+    with pytest.raises(SystemExit):
+        sae_cli.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m hooked_vlm.sae")
+    help_text = subprocess.run(
+        [sys.executable, "-m", "hooked_vlm.sae", "train-sae", "--help"], capture_output=True, text=True, cwd=REPO
+    ).stdout
+    assert help_text.startswith("usage: python -m hooked_vlm.sae train-sae")
 
 
 def test_old_cli_names_still_import():

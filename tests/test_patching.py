@@ -20,6 +20,7 @@ from hooked_vlm.patching import (
     activation_patching,
     attention_knockout,
     attribution_patching,
+    integrated_gradients,
     knockout_hooks,
     mean_activation,
 )
@@ -65,7 +66,9 @@ class Case:
         """The readout of ``base`` with ``edit(tensor, source_value)`` applied at ``hook``, by ``run_with_hooks``."""
         with torch.no_grad():
             _, cache = self.model.run_with_cache(source, names_filter=hook)
-            output = self.model.run_with_hooks(base, fwd_hooks=[(hook, lambda t, hook: edit(t.clone(), cache[hook.name]))])
+            output = self.model.run_with_hooks(
+                base, fwd_hooks=[(hook, lambda t, hook: edit(t.clone(), cache[hook.name]))]
+            )
         return self.value(output)
 
 
@@ -99,20 +102,37 @@ def pearson(a, b):
 
 
 def test_patching_clean_into_clean_changes_nothing(case):
-    result = activation_patching(case.model, case.clean, case.clean, case.readout, case.family,
-                                 positions=case.positions, prompt=case.prompt, progress=False)
+    result = activation_patching(
+        case.model,
+        case.clean,
+        case.clean,
+        case.readout,
+        case.family,
+        positions=case.positions,
+        prompt=case.prompt,
+        progress=False,
+    )
     assert result.axes == ("layer", "position") and result.values.shape[1] == len(result.labels["position"]) > 3
     torch.testing.assert_close(result.effect(), torch.zeros_like(result.values), **TOL)
 
 
 def test_patching_every_position_of_a_layer_restores_the_clean_readout(case):
-    denoised = activation_patching(case.model, case.clean, case.corrupted, case.readout, case.family,
-                                   prompt=case.prompt, progress=False)
+    denoised = activation_patching(
+        case.model, case.clean, case.corrupted, case.readout, case.family, prompt=case.prompt, progress=False
+    )
     assert denoised.axes == ("layer",) and abs(denoised.clean_value - denoised.corrupted_value) > 1e-4
     torch.testing.assert_close(denoised.values, torch.full_like(denoised.values, denoised.clean_value), **TOL)
     torch.testing.assert_close(denoised.normalized(), torch.ones_like(denoised.values), atol=1e-3, rtol=0)
-    noised = activation_patching(case.model, case.clean, case.corrupted, case.readout, case.family,
-                                 direction="noise", prompt=case.prompt, progress=False)
+    noised = activation_patching(
+        case.model,
+        case.clean,
+        case.corrupted,
+        case.readout,
+        case.family,
+        direction="noise",
+        prompt=case.prompt,
+        progress=False,
+    )
     torch.testing.assert_close(noised.values, torch.full_like(noised.values, noised.corrupted_value), **TOL)
 
 
@@ -126,11 +146,21 @@ def cell_edit(index):
 
 def test_single_position_patches_equal_hand_edits_on_clip(clip):
     base, source = clip.prepare(clip.corrupted), clip.prepare(clip.clean)
-    result = activation_patching(clip.model, clip.clean, clip.corrupted, clip.readout, "vision.blocks.*.hook_resid_post",
-                                 positions=[0, 3, 7, 12, 16], batch_size=3, progress=False)
+    result = activation_patching(
+        clip.model,
+        clip.clean,
+        clip.corrupted,
+        clip.readout,
+        "vision.blocks.*.hook_resid_post",
+        positions=[0, 3, 7, 12, 16],
+        batch_size=3,
+        progress=False,
+    )
     for layer in (0, 1):
         for i, label in enumerate(result.labels["position"]):
-            hand = clip.hand_patch(base, source, f"vision.blocks.{layer}.hook_resid_post", cell_edit((0, label.position)))
+            hand = clip.hand_patch(
+                base, source, f"vision.blocks.{layer}.hook_resid_post", cell_edit((0, label.position))
+            )
             assert float(result.values[layer, i]) == pytest.approx(hand, abs=2e-6)
     assert [label.kind for label in result.labels["position"]] == [Kind.CLS] + [Kind.PATCH] * 4
     assert (result.labels["position"][2].row, result.labels["position"][2].col) == (1, 2)  # patch 6 of a 4×4 grid
@@ -141,10 +171,21 @@ def test_image_token_patches_on_the_llava_grid_equal_hand_edits(llava):
     lm = base.layout["lm"]
     # image tokens of the high-res grid (tile 1), located from the layout's fields by hand
     cells = [(1, 0, 1), (1, 1, 0), (1, 1, 1), (0, 2, 3)]
-    positions = [int(((lm.tile[0] == t) & (lm.row[0] == r) & (lm.col[0] == c) & (lm.kind[0] == Kind.IMAGE)).nonzero())
-                 for t, r, c in cells]
-    result = activation_patching(llava.model, llava.clean, llava.corrupted, llava.readout, "lm.blocks.*.hook_resid_pre",
-                                 positions=positions, prompt=PROMPT, batch_size=3, progress=False)
+    positions = [
+        int(((lm.tile[0] == t) & (lm.row[0] == r) & (lm.col[0] == c) & (lm.kind[0] == Kind.IMAGE)).nonzero())
+        for t, r, c in cells
+    ]
+    result = activation_patching(
+        llava.model,
+        llava.clean,
+        llava.corrupted,
+        llava.readout,
+        "lm.blocks.*.hook_resid_pre",
+        positions=positions,
+        prompt=PROMPT,
+        batch_size=3,
+        progress=False,
+    )
     for (tile, row, col), position in zip(cells, positions, strict=True):
         hand = llava.hand_patch(base, source, "lm.blocks.0.hook_resid_pre", cell_edit((0, position)))
         assert float(result.grid(image=0, tile=tile, what="values")[0, row, col]) == pytest.approx(hand, abs=2e-6)
@@ -153,18 +194,37 @@ def test_image_token_patches_on_the_llava_grid_equal_hand_edits(llava):
 def test_vision_tile_heads_and_pattern_patches_equal_hand_edits(llava):
     model, base, source = llava.model, llava.prepare(llava.corrupted), llava.prepare(llava.clean)
     # LLaVA-OneVision's vision rows are tiles: (tile, patch) cells, one at a time
-    result = activation_patching(model, llava.clean, llava.corrupted, llava.readout, "vision.blocks.1.attn.hook_z",
-                                 positions=lambda layout: layout["vision"].row == 1, heads=[0, 3], prompt=PROMPT,
-                                 progress=False)
+    result = activation_patching(
+        model,
+        llava.clean,
+        llava.corrupted,
+        llava.readout,
+        "vision.blocks.1.attn.hook_z",
+        positions=lambda layout: layout["vision"].row == 1,
+        heads=[0, 3],
+        prompt=PROMPT,
+        progress=False,
+    )
     labels = result.labels["position"]
     assert len(labels) == base.layout["vision"].shape[0] * 4 and {label.tile for label in labels} == {0, 1}
     for i in (0, 5):
         label = labels[i]
         for j, head in enumerate(result.labels["head"]):
-            hand = llava.hand_patch(base, source, "vision.blocks.1.attn.hook_z", cell_edit((label.batch, label.position, head)))
+            hand = llava.hand_patch(
+                base, source, "vision.blocks.1.attn.hook_z", cell_edit((label.batch, label.position, head))
+            )
             assert float(result.values[0, i, j]) == pytest.approx(hand, abs=2e-6)
-    pattern = activation_patching(model, llava.clean, llava.corrupted, llava.readout, "lm.blocks.1.attn.hook_pattern",
-                                  positions=[-1, -3], heads="each", prompt=PROMPT, progress=False)
+    pattern = activation_patching(
+        model,
+        llava.clean,
+        llava.corrupted,
+        llava.readout,
+        "lm.blocks.1.attn.hook_pattern",
+        positions=[-1, -3],
+        heads="each",
+        prompt=PROMPT,
+        progress=False,
+    )
     n = base.layout["lm"].shape[1]
     assert [label.position for label in pattern.labels["position"]] == [n - 3, n - 1]  # in sequence order
     for head in (0, 2):
@@ -174,12 +234,24 @@ def test_vision_tile_heads_and_pattern_patches_equal_hand_edits(llava):
 
 def test_packed_qwen2_vl_vision_patches_equal_hand_edits(qwen):
     base, source = qwen.prepare(qwen.corrupted), qwen.prepare(qwen.clean)
-    result = activation_patching(qwen.model, qwen.clean, qwen.corrupted, qwen.readout, "vision.blocks.*.attn.hook_z",
-                                 positions=[2, 7, 13], heads=[1, 2], prompt=PROMPT, batch_size=5, progress=False)
+    result = activation_patching(
+        qwen.model,
+        qwen.clean,
+        qwen.corrupted,
+        qwen.readout,
+        "vision.blocks.*.attn.hook_z",
+        positions=[2, 7, 13],
+        heads=[1, 2],
+        prompt=PROMPT,
+        batch_size=5,
+        progress=False,
+    )
     for layer in (0, 1):
         for i, position in enumerate((2, 7, 13)):
             for j, head in enumerate((1, 2)):
-                hand = qwen.hand_patch(base, source, f"vision.blocks.{layer}.attn.hook_z", cell_edit((0, position, head)))
+                hand = qwen.hand_patch(
+                    base, source, f"vision.blocks.{layer}.attn.hook_z", cell_edit((0, position, head))
+                )
                 assert float(result.values[layer, i, j]) == pytest.approx(hand, abs=2e-6)
 
 
@@ -188,8 +260,9 @@ def test_groups_and_prompt_only_or_both_differences(llava):
     clean = llava.prepare(llava.clean)
     for corrupted in (llava.prepare(llava.clean, SWAPPED), llava.prepare(llava.corrupted, SWAPPED)):
         groups = {"image": ("image", "newline"), "text": "text"}
-        result = activation_patching(model, clean, corrupted, llava.readout, "lm.blocks.*.hook_resid_post",
-                                     groups=groups, progress=False)
+        result = activation_patching(
+            model, clean, corrupted, llava.readout, "lm.blocks.*.hook_resid_post", groups=groups, progress=False
+        )
         assert result.axes == ("layer", "group") and result.labels["group"] == ["image", "text"]
         for g, selector in enumerate(groups.values()):
             mask = torch.zeros(clean.layout["lm"].shape, dtype=torch.bool)
@@ -197,14 +270,19 @@ def test_groups_and_prompt_only_or_both_differences(llava):
                 mask |= clean.layout.mask(s, "lm")
             hand = llava.hand_patch(corrupted, clean, "lm.blocks.0.hook_resid_post", cell_edit(mask))
             assert float(result.values[0, g]) == pytest.approx(hand, abs=2e-6)
-        whole = activation_patching(model, clean, corrupted, llava.readout, "lm.blocks.0.hook_resid_post", progress=False)
+        whole = activation_patching(
+            model, clean, corrupted, llava.readout, "lm.blocks.0.hook_resid_post", progress=False
+        )
         assert float(whole.values[0]) == pytest.approx(whole.clean_value, abs=2e-5)
 
 
-@pytest.mark.parametrize("name, family, positions", [
-    ("llava_onevision", "lm.blocks.*.hook_resid_pre", "image"),
-    ("qwen2_vl", "vision.blocks.*.hook_mlp_out", "patches"),  # packed: copies follow each other along the positions
-])
+@pytest.mark.parametrize(
+    "name, family, positions",
+    [
+        ("llava_onevision", "lm.blocks.*.hook_resid_pre", "image"),
+        ("qwen2_vl", "vision.blocks.*.hook_mlp_out", "patches"),  # packed: copies follow each other along the positions
+    ],
+)
 def test_reusing_the_base_runs_early_blocks_changes_no_value(name, family, positions, llava, qwen, monkeypatch):
     case = llava if name == "llava_onevision" else qwen
     args = (case.model, case.clean, case.corrupted, case.readout, family)
@@ -239,8 +317,15 @@ def test_patches_in_the_lm_reuse_the_base_runs_image_features(name, llava, qwen,
 
 def test_inputs_of_different_layouts_are_refused(llava):
     with pytest.raises(ValueError, match="same token layout"):
-        activation_patching(llava.model, sample_image(16, 16), sample_image(32, 32), llava.readout,
-                            "lm.blocks.0.hook_resid_post", prompt=PROMPT, progress=False)
+        activation_patching(
+            llava.model,
+            sample_image(16, 16),
+            sample_image(32, 32),
+            llava.readout,
+            "lm.blocks.0.hook_resid_post",
+            prompt=PROMPT,
+            progress=False,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,11 +346,14 @@ def test_attribution_agrees_with_activation_patching(case):
     assert pearson(estimate.effect(), exact.effect()) >= 0.9
 
 
-@pytest.mark.parametrize("name, family, positions", [
-    ("llava_onevision", "lm.blocks.*.hook_resid_post", "image"),
-    ("qwen2_vl", "lm.blocks.*.hook_resid_post", "image"),
-    ("qwen2_vl", "vision.blocks.*.hook_resid_post", "patches"),  # a packed sequence: copies along the positions
-])
+@pytest.mark.parametrize(
+    "name, family, positions",
+    [
+        ("llava_onevision", "lm.blocks.*.hook_resid_post", "image"),
+        ("qwen2_vl", "lm.blocks.*.hook_resid_post", "image"),
+        ("qwen2_vl", "vision.blocks.*.hook_resid_post", "patches"),  # a packed sequence: copies along the positions
+    ],
+)
 def test_integrated_gradients_move_closer_to_activation_patching(name, family, positions, llava, qwen):
     case = llava if name == "llava_onevision" else qwen
     args = (case.model, case.clean, case.corrupted, case.readout, family)
@@ -274,12 +362,35 @@ def test_integrated_gradients_move_closer_to_activation_patching(name, family, p
     cells = activation_patching(*args, positions=positions, **kwargs).effect()
     errors, cell_errors = [], []
     for steps in (None, 2, 16):
-        errors.append(float((attribution_patching(*args, ig_steps=steps, batch_size=5, **kwargs).effect() - whole).abs().max()))
+        errors.append(
+            float((attribution_patching(*args, ig_steps=steps, batch_size=5, **kwargs).effect() - whole).abs().max())
+        )
         estimate = attribution_patching(*args, positions=positions, ig_steps=steps, batch_size=5, **kwargs).effect()
         cell_errors.append(float((estimate - cells).abs().mean()))
     # a hook's attributions sum to the exact effect of patching all of it as the steps grow (completeness)
     assert errors[0] > errors[1] > errors[2] and errors[2] < 5e-3 * float(whole.abs().max())
     assert cell_errors[2] < cell_errors[0]
+
+
+def test_integrated_gradients_are_complete_where_first_order_attribution_is_not(clip):
+    # every path from the pixels to the readout goes through vision.hook_embed: patching all of it is running the
+    # clean image, so a complete attribution sums to readout(clean) - readout(corrupted), read off the two runs
+    model, readout = clip.model, clip.readout
+    with torch.no_grad():
+        difference = clip.value(model(clip.clean)) - clip.value(model(clip.corrupted))
+    args = (model, clip.clean, clip.corrupted, readout, "vision.hook_embed")
+    integrated = integrated_gradients(*args, steps=16, progress=False)
+    per_position = integrated_gradients(*args, steps=16, positions="all", progress=False)
+    first_order = attribution_patching(*args, progress=False)
+    ig_error = abs(float(integrated.effect().sum()) - difference)
+    assert ig_error < 2e-3 * abs(difference)
+    assert abs(float(per_position.effect().sum()) - difference) < 2e-3 * abs(difference)  # the sum over positions too
+    assert abs(float(first_order.effect().sum()) - difference) > 20 * ig_error
+    assert integrated.method == "integrated gradients" and first_order.method == "attribution patching"
+    # the old keyword is the same computation
+    assert torch.equal(attribution_patching(*args, ig_steps=16, progress=False).values, integrated.values)
+    with pytest.raises(ValueError, match="steps must be a positive number"):
+        integrated_gradients(*args, steps=0)
 
 
 @pytest.mark.parametrize("name", ["clip", "llava_onevision"])
@@ -291,8 +402,14 @@ def test_integrated_gradients_through_the_inputs_are_complete_at_the_input(name,
         hook, clean, corrupted = "lm.hook_embed", case.prepare(case.clean), case.prepare(case.clean, SWAPPED)
     args = (case.model, clean, corrupted, case.readout, hook)
     exact = activation_patching(*args, progress=False).effect()
-    errors = [float((attribution_patching(*args, ig_steps=steps, interpolate="inputs", progress=False).effect()
-                     - exact).abs().max()) for steps in (1, 4, 16)]
+    errors = [
+        float(
+            (attribution_patching(*args, ig_steps=steps, interpolate="inputs", progress=False).effect() - exact)
+            .abs()
+            .max()
+        )
+        for steps in (1, 4, 16)
+    ]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 2e-3 * float(exact.abs().max())
 
 
@@ -303,16 +420,27 @@ def double(case):
     return twin
 
 
-@pytest.mark.parametrize("name, hook, index", [
-    ("qwen2_vl", "vision.blocks.0.hook_resid_post", (0, 9)),  # a packed vision sequence
-    ("llava_onevision", "lm.blocks.0.attn.hook_z", (0, -1, 2)),
-])
+@pytest.mark.parametrize(
+    "name, hook, index",
+    [
+        ("qwen2_vl", "vision.blocks.0.hook_resid_post", (0, 9)),  # a packed vision sequence
+        ("llava_onevision", "lm.blocks.0.attn.hook_z", (0, -1, 2)),
+    ],
+)
 def test_attribution_is_the_directional_derivative(name, hook, index, llava, qwen):
     case = double(llava if name == "llava_onevision" else qwen)
     base, source = case.prepare(case.corrupted), case.prepare(case.clean)
     position, head = index[1], index[2] if len(index) > 2 else None
-    estimate = attribution_patching(case.model, source, base, case.readout, hook, positions=[position],
-                                    heads=None if head is None else [head], progress=False)
+    estimate = attribution_patching(
+        case.model,
+        source,
+        base,
+        case.readout,
+        hook,
+        positions=[position],
+        heads=None if head is None else [head],
+        progress=False,
+    )
 
     def scaled(eps):
         def edit(tensor, clean):
@@ -337,7 +465,9 @@ def test_zero_and_mean_ablation_equal_hand_edits(llava, clip):
     result = ablation(model, llava.clean, llava.readout, "lm.hook_embed", groups=groups, prompt=PROMPT, progress=False)
     for g, selector in enumerate(groups.values()):
         mask = prepared.layout.mask(selector, "lm.hook_embed")
-        hand = llava.hand_patch(prepared, prepared, "lm.hook_embed", lambda t, _, m=mask: t.masked_fill(m[..., None], 0))
+        hand = llava.hand_patch(
+            prepared, prepared, "lm.hook_embed", lambda t, _, m=mask: t.masked_fill(m[..., None], 0)
+        )
         assert float(result.values[0, g]) == pytest.approx(hand, abs=2e-6)
 
     prepared = clip.prepare(clip.clean)
@@ -384,8 +514,10 @@ def eager_with_blocked_attention(case, prepared, blocked, layers):
         kwargs["attention_mask"] = torch.where(blocked[:, None], torch.finfo(mask.dtype).min, mask)
         return args, kwargs
 
-    handles = [raw.model.language_model.layers[i].self_attn.register_forward_pre_hook(mask_hook, with_kwargs=True)
-               for i in layers]
+    handles = [
+        raw.model.language_model.layers[i].self_attn.register_forward_pre_hook(mask_hook, with_kwargs=True)
+        for i in layers
+    ]
     with torch.no_grad():
         logits = raw(**prepared.kwargs).logits
     for handle in handles:
@@ -413,8 +545,9 @@ def test_knockout_equals_a_hand_built_attention_mask(name, llava, qwen):
         assert ours == pytest.approx(eager_with_blocked_attention(case, prepared, blocked, layers), abs=2e-5)
         assert ours != pytest.approx(case.value(case.model(prepared)), abs=1e-6)  # the knockout does something
 
-    sweep = attention_knockout(case.model, prepared, case.readout, source=source, window=2,
-                               batch_size=1 + (name == "qwen2_vl"), progress=False)
+    sweep = attention_knockout(
+        case.model, prepared, case.readout, source=source, window=2, batch_size=1 + (name == "qwen2_vl"), progress=False
+    )
     assert sweep.windows == [[0, 1], [1]]
     for value, window in zip(sweep.values.tolist(), sweep.windows, strict=True):
         hooks = knockout_hooks(case.model, prepared, source=source, layers=window)
@@ -470,18 +603,24 @@ def test_every_figure_is_written(llava, tmp_path):
     args = (model, llava.clean, llava.corrupted, readout)
     image = llava.clean
     figures = {
-        "layer_position.png": activation_patching(*args, "lm.blocks.*.hook_resid_post", positions="all", prompt=PROMPT,
-                                                  progress=False),
-        "heads.png": attribution_patching(*args, "lm.blocks.*.attn.hook_z", heads="each", prompt=PROMPT, progress=False),
+        "layer_position.png": activation_patching(
+            *args, "lm.blocks.*.hook_resid_post", positions="all", prompt=PROMPT, progress=False
+        ),
+        "heads.png": attribution_patching(
+            *args, "lm.blocks.*.attn.hook_z", heads="each", prompt=PROMPT, progress=False
+        ),
         "layers.png": activation_patching(*args, "lm.blocks.*.hook_mlp_out", prompt=PROMPT, progress=False),
     }
     for file, result in figures.items():
         result.plot(tmp_path / file)
-    over_image = attribution_patching(*args, "lm.blocks.*.hook_resid_pre", positions="image", prompt=PROMPT, progress=False)
+    over_image = attribution_patching(
+        *args, "lm.blocks.*.hook_resid_pre", positions="image", prompt=PROMPT, progress=False
+    )
     over_image.plot(tmp_path / "over_image.png", image, tile=1)
     with pytest.raises(ValueError, match="select"):
-        attribution_patching(*args, "lm.blocks.*.attn.hook_z", positions=[-1, -2], heads="each", prompt=PROMPT,
-                             progress=False).plot(tmp_path / "three_axes.png")
+        attribution_patching(
+            *args, "lm.blocks.*.attn.hook_z", positions=[-1, -2], heads="each", prompt=PROMPT, progress=False
+        ).plot(tmp_path / "three_axes.png")
     attention_knockout(model, image, readout, prompt=PROMPT, progress=False).plot(tmp_path / "knockout.png")
     lens = logit_lens(model, image, prompt=PROMPT, words=["A"])
     lens.plot(tmp_path / "lens.png", image, "A", tile=1)

@@ -7,6 +7,8 @@ the activation by ``sae.decode(sae.encode(x))`` (plus ``x - recon`` for the erro
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
@@ -14,6 +16,7 @@ from sae_lens.saes.sae import SAEMetadata
 
 from hooked_vlm import HookedVLM, UnknownHookError
 from hooked_vlm.sae import SAEShapeError
+from hooked_vlm.taps import ConcurrentRunError
 from hooked_vlm.testing import sample_image, tiny_clip, tiny_llava_onevision
 
 HOOK = "vision.blocks.0.hook_resid_post"
@@ -104,7 +107,9 @@ def test_steering_through_the_sae_hook_points(clip, images):
 
     by_hand = clip.run_with_hooks(images, fwd_hooks=[(HOOK, replace_with(sae, error_term=True, steer=boost))])
     steered = clip.run_with_hooks_with_saes(
-        images, saes=[sae], use_error_term=True,
+        images,
+        saes=[sae],
+        use_error_term=True,
         fwd_hooks=[(clip.get_sae_hook_name(sae), lambda acts, hook: boost(acts))],
     )
     assert (steered - by_hand).abs().max() <= 1e-5
@@ -172,13 +177,31 @@ def test_misfits_raise_clear_errors(clip, llava, images):
     with pytest.raises(ValueError, match="attention scores and patterns"):
         clip.add_sae(random_sae(17, "vision.blocks.0.attn.hook_pattern"))
     assert clip.acts_to_saes == {}
-    # a hook without a width known up front (the projector) is checked on the first forward, naming it
-    llava.add_sae(random_sae(16, "projector.hook_out"))
+    # hooks outside the blocks are checked up front too (the projector's output has the LM's width)
+    with pytest.raises(SAEShapeError, match="'projector.hook_out': the SAE has d_in=16, but .* width 32"):
+        llava.add_sae(random_sae(16, "projector.hook_out"))
+    assert llava.acts_to_saes == {}
+
+
+def test_splicing_waits_for_no_other_threads_run(clip, images):
+    inside, release = threading.Event(), threading.Event()
+
+    def blocking(x, hook):
+        inside.set()
+        assert release.wait(30)
+
+    worker = threading.Thread(target=lambda: clip.run_with_hooks(images, fwd_hooks=[(HOOK, blocking)]))
+    worker.start()
     try:
-        with pytest.raises(SAEShapeError, match="projector.hook_out.*d_in=16"):
-            llava(images[:1], prompt=PROMPT)
+        assert inside.wait(30)
+        with pytest.raises(ConcurrentRunError, match="another thread"):  # it would change the run in progress
+            clip.add_sae(random_sae(32, HOOK))
+        with pytest.raises(ConcurrentRunError, match="another thread"):
+            clip.reset_saes()
     finally:
-        llava.reset_saes()
+        release.set()
+        worker.join()
+    assert clip.acts_to_saes == {}
 
 
 @torch.no_grad()
@@ -187,7 +210,10 @@ def test_reset_restores_the_stock_forward(clip, images, hook_registrations, hook
     first, second = random_sae(32, HOOK, seed=1), random_sae(32, HOOK, seed=2)
     clip.add_sae(first)
     assert clip.acts_to_saes == {HOOK: first}
-    assert f"{HOOK}.hook_sae_acts_post" in clip.hook_names() and clip.hook_point(f"{HOOK}.hook_sae_input") is first.hook_sae_input
+    assert (
+        f"{HOOK}.hook_sae_acts_post" in clip.hook_names()
+        and clip.hook_point(f"{HOOK}.hook_sae_input") is first.hook_sae_input
+    )
     with clip.saes([second]):
         assert clip.acts_to_saes == {HOOK: second}
     assert clip.acts_to_saes == {HOOK: first}  # what was spliced before comes back

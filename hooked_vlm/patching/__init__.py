@@ -12,7 +12,9 @@ input layout, so positions map back to (image, tile, row, col) and to heatmaps o
 
 - :func:`activation_patching`: exact patching, denoising (clean into corrupted) or noising (corrupted into clean).
 - :func:`attribution_patching`: gradient × activation difference for every requested hook from one forward
-  and one backward (plus the clean forward), or its integrated-gradients variant (``ig_steps``).
+  and one backward (plus the clean forward).
+- :func:`integrated_gradients`: the same with the gradient averaged along the path between the inputs, so a
+  hook's attributions add up to the effect of patching it (``attribution_patching(ig_steps=)`` calls it).
 - :func:`ablation`: zero / mean / given-value ablation, swept like patching; :func:`ablation_hooks` for one run.
 - :func:`attention_knockout`: block attention from source positions (image tokens) to target positions over a
   window of layers, swept over layers; :func:`knockout_hooks` for one run.
@@ -29,7 +31,7 @@ from hooked_vlm.patching.ablation import ablation, ablation_hooks, mean_activati
 from hooked_vlm.patching.activation import activation_patching
 from hooked_vlm.patching.attribution import attribution_patching
 from hooked_vlm.patching.batching import repeat_inputs
-from hooked_vlm.patching.integrated_gradients import default_interpolation
+from hooked_vlm.patching.integrated_gradients import default_interpolation, integrated_gradients
 from hooked_vlm.patching.knockout import attention_knockout, knockout_hooks
 from hooked_vlm.patching.planning import Hooks, position_mask
 from hooked_vlm.patching.results import KnockoutResult, PatchingResult
@@ -47,6 +49,7 @@ __all__ = [
     "attention_knockout",
     "attribution_patching",
     "default_interpolation",
+    "integrated_gradients",
     "knockout_hooks",
     "mean_activation",
     "on_image_grid",

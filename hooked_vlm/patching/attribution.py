@@ -1,18 +1,21 @@
 # ruff: noqa: F722  (jaxtyping shape strings such as "batch pos" are not Python expressions)
-"""Attribution patching: gradient × activation difference for every target from one forward and one backward,
-and its integrated-gradients variant (``ig_steps``; :mod:`hooked_vlm.patching.integrated_gradients`)."""
+"""Attribution patching: gradient × activation difference for every target from one forward and one backward.
+
+:func:`gradient_patching` is the one implementation behind it and :func:`~hooked_vlm.patching.integrated_gradients`
+(the gradient averaged over points between the two inputs instead of read at the base input alone)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
-from hooked_vlm.layout import Selector
+from hooked_vlm.layout import InputLayout, Selector
 from hooked_vlm.patching.batching import (
     _broadcast,
     _cache,
@@ -24,7 +27,6 @@ from hooked_vlm.patching.batching import (
     _logits_kwargs,
     repeat_inputs,
 )
-from hooked_vlm.patching.integrated_gradients import interpolation_points, midpoints
 from hooked_vlm.patching.planning import Hooks, _hook_names, _plan, position_mask
 from hooked_vlm.patching.results import PatchingResult
 from hooked_vlm.positions import Positions
@@ -78,26 +80,56 @@ def attribution_patching(
     source forward, one base forward and one backward for all hooks, positions and heads together. Axes and
     arguments are those of :func:`activation_patching`; values are ``base + estimated change``.
 
-    ``ig_steps``: integrated gradients. The gradient is averaged over ``ig_steps`` points between base and
-    source (midpoints ``(j + ½) / ig_steps``), run as copies of the input in batches of ``batch_size``. Where the
-    points lie is ``interpolate``:
-
-    - ``"activations"`` (default; as in Marks et al. 2024): each hook's own value is interpolated, one hook per
-      copy, so a hook's attributions summed over its entries converge to the exact effect of patching the whole
-      hook. Costs ``len(hooks) · ig_steps`` copies.
-    - ``"inputs"`` (EAP-IG, Hanna et al. 2024): the inputs are interpolated at :func:`default_interpolation` (the
-      embeddings), and every hook's gradient is read from the same copies. Costs ``ig_steps`` copies.
-    - a mapping ``hook → positions``: inputs interpolated there instead.
+    ``ig_steps`` / ``interpolate``: run :func:`~hooked_vlm.patching.integrated_gradients` with ``steps=ig_steps``
+    instead (the same result as calling it).
     """
+    common = dict(
+        positions=positions,
+        groups=groups,
+        heads=heads,
+        direction=direction,
+        prompt=prompt,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    if ig_steps is not None:
+        from hooked_vlm.patching.integrated_gradients import integrated_gradients  # it builds on this module
+
+        return integrated_gradients(
+            model, clean, corrupted, readout, hooks, steps=ig_steps, interpolate=interpolate, **common
+        )
+    return gradient_patching(model, clean, corrupted, readout, hooks, **common)
+
+
+def gradient_patching(
+    model: Any,
+    clean: Any,
+    corrupted: Any,
+    readout: Readout,
+    hooks: Hooks,
+    *,
+    positions: Positions | None,
+    groups: Mapping[str, Positions] | None,
+    heads: str | Sequence[int] | None,
+    direction: str,
+    prompt: Any,
+    batch_size: int,
+    progress: bool,
+    alphas: Float[Tensor, " steps"] | None = None,
+    interpolation: Callable[[InputLayout, list[str]], dict[str, Selector]] | None = None,
+    per_hook: bool = False,
+) -> PatchingResult:
+    """``(source - base) · gradient`` summed over each target's entries, the gradient averaged over the points
+    ``base + alpha · (source - base)`` of ``alphas`` (none: the base run alone, i.e. attribution patching).
+
+    ``interpolation(base layout, hook names)`` says at which hooks and positions the points are made;
+    ``per_hook``: each hook's own value is moved, one hook per copy, and only that hook's gradient is kept."""
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}")
-    if isinstance(interpolate, str) and interpolate not in ("activations", "inputs"):
-        raise ValueError(f"interpolate must be 'activations', 'inputs' or a mapping hook → positions, not {interpolate!r}")
     names = _hook_names(model, hooks)
     clean_p, corrupted_p = model.prepare_inputs(clean, prompt=prompt), model.prepare_inputs(corrupted, prompt=prompt)
     base, source = (corrupted_p, clean_p) if direction == "denoise" else (clean_p, corrupted_p)
-    per_hook = ig_steps is not None and interpolate == "activations"
-    points = interpolation_points(model, base.layout, names, interpolate) if ig_steps is not None else {}
+    points = interpolation(base.layout, names) if interpolation is not None else {}
     cached = list(dict.fromkeys([*names, *points]))
     source_value, source_cache = _cache(model, source, cached, readout)
     base_value, base_cache = _cache(model, base, cached, readout)
@@ -107,8 +139,8 @@ def attribution_patching(
 
     # One copy of the input per (owner hook, step): the owner's value is interpolated and only its gradient kept.
     # Without an owner (inputs interpolated, or no integrated gradients) every hook reads every copy.
-    steps = ig_steps or 1
-    alphas = midpoints(steps) if ig_steps else torch.zeros(1)
+    alphas = torch.zeros(1) if alphas is None else alphas
+    steps = len(alphas)
     owners: list[str | None] = names if per_hook else [None]
     copies_plan = [(owner, alpha) for owner in owners for alpha in alphas.tolist()]
     masks = {
@@ -148,6 +180,14 @@ def attribution_patching(
     )
     clean_value, corrupted_value = (source_value, base_value) if direction == "denoise" else (base_value, source_value)
     return PatchingResult(
-        (base_value + estimates).view(plan.shape), plan.axes, plan.labels, plan.hook_names, base.layout,
-        "integrated gradients" if ig_steps else "attribution patching", base_value, clean_value, corrupted_value, repr(readout),
+        (base_value + estimates).view(plan.shape),
+        plan.axes,
+        plan.labels,
+        plan.hook_names,
+        base.layout,
+        "attribution patching" if interpolation is None else "integrated gradients",
+        base_value,
+        clean_value,
+        corrupted_value,
+        repr(readout),
     )

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from hooked_vlm.cli import DTYPES, CLIError, load_model
+from hooked_vlm.cli import DTYPES, CLIError, load_for_command
 from hooked_vlm.loading import DEFAULT_MODEL
 
 
@@ -56,11 +56,7 @@ def _positions(values: list[str] | None) -> Any:
 
 
 def _model(args: argparse.Namespace, device: str | None = None):
-    try:
-        return load_model(args.model or DEFAULT_MODEL, device=device or args.device,
-                          dtype=DTYPES[args.dtype] if args.dtype else None)
-    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as error:
-        raise CLIError(str(error)) from error
+    return load_for_command(args.model, device or args.device, args.dtype)
 
 
 def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -151,7 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: Any) -> None:
-    """Add ``harvest`` and ``train-sae`` to an argparse sub-command set (``hooked_vlm.cli.build_parser``'s)."""
+    """Add the Phase 1 commands to an argparse sub-command set (``hooked_vlm.cli.build_parser``'s): each command
+    is one ``cmd_*`` function and the lines that register it."""
 
     def common(command: argparse.ArgumentParser, several_hooks: bool) -> None:
         command.add_argument("model", nargs="?", default=None, metavar="MODEL",
@@ -315,11 +312,7 @@ def add_dashboard_command(commands: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hooked_vlm.sae", description=__doc__.splitlines()[0])
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except CLIError as error:
-        print(f"hooked-vlm: error: {error}", file=sys.stderr)
-        return 2
+    """``python -m hooked_vlm.sae ...``: :func:`hooked_vlm.cli.main`, which parses every command."""
+    from hooked_vlm.cli import main
+
+    return main(argv, prog="python -m hooked_vlm.sae")

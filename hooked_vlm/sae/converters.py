@@ -45,32 +45,16 @@ from __future__ import annotations
 import functools
 import io
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from hooked_vlm.names import canonical_hook_name
+
 VIT_PRISMA = "vit_prisma"
 SAEV = "saev"
-
-_TL_BLOCK = re.compile(r"^blocks\.\d+\.")
-_TL_TOP = {"hook_embed", "hook_pos_embed", "hook_full_embed", "ln_final.hook_normalized", "ln_pre.hook_normalized"}
-
-
-def canonical_hook_name(name: str, tower: str = "vision") -> str:
-    """A TransformerLens-style hook name of a single-tower model (ViT-Prisma's ``blocks.9.hook_mlp_out``) as
-    hooked_vlm's canonical name (``vision.blocks.9.hook_mlp_out``); canonical names are returned unchanged."""
-    if name.startswith(("vision.", "text.", "lm.", "projector.", "hf.")) or name.startswith("hook_image_embeds"):
-        return name
-    if _TL_BLOCK.match(name) or name in _TL_TOP:
-        return f"{tower}.{name}"
-    raise ValueError(
-        f"cannot map hook name {name!r} onto hooked_vlm's names: expected 'blocks.N.<hook>' (TransformerLens) or a "
-        f"canonical name such as '{tower}.blocks.N.hook_resid_post'; pass hook_name= to name it yourself"
-    )
-
 
 def _architecture(activation: str, params: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:
     if activation.lower() in ("relu", "standard"):
