@@ -173,6 +173,12 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         """The vision blocks whose outputs feed ``projector.deepstack.{k}``, in ``k`` order."""
         return list(self.model.config.vision_config.deepstack_visual_indexes)
 
+    def hook_widths(self) -> dict[str, int | None]:
+        # a DeepStack merger's first child is a norm over 4 · d_vision (after the 2×2 merge); its input is per patch
+        d_vision = self.towers()[0].d_model
+        inputs = {f"projector.deepstack.{k}.hook_in": d_vision for k in range(len(self.deepstack_visual_indexes))}
+        return super().hook_widths() | inputs
+
     def hook_map(self) -> dict[str, Tap]:
         vision, lm = self.towers()
         packed = Packed()
