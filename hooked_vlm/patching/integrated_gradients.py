@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hooked_vlm.layout import InputLayout, Kind, Selector
+from hooked_vlm.layout import InputLayout, Selector
 
 
 def default_interpolation(model: Any, layout: InputLayout) -> dict[str, Selector]:
@@ -23,7 +23,7 @@ def default_interpolation(model: Any, layout: InputLayout) -> dict[str, Selector
         if name in model.hook_dict and name.split(".")[0] in layout.towers:
             points[name] = "all"
     if "lm.hook_embed" in model.hook_dict:
-        points["lm.hook_embed"] = lambda lay: ~torch.isin(lay.towers["lm"].kind, torch.tensor((Kind.IMAGE, Kind.NEWLINE)))
+        points["lm.hook_embed"] = lambda lay: ~lay.image_token_mask
     return points
 
 
