@@ -144,6 +144,41 @@ def test_early_stop_returns_the_same_values(family):
     assert torch.equal(early[hook], full[hook]), name
 
 
+def test_an_edit_at_one_image_position_changes_only_what_follows(family):
+    """Adding to one vision patch changes block 0's input at that patch only (wherever the layout puts it: Qwen2.5-VL
+    reorders patches into windows after the embedding); in a VLM, adding to the LM embedding of one image token
+    changes block 0's input there only, and its output at that token and later ones only (causal)."""
+    name, model, prepared = family
+    layout = prepared.layout
+    patches = layout.mask("patches", "vision.hook_embed")
+    points = [("vision.hook_embed", "vision.blocks.0.hook_resid_pre", None, patches)]
+    if model.adapter.has_language_model:
+        points.append(("lm.hook_embed", "lm.blocks.0.hook_resid_pre", "lm.blocks.0.hook_resid_post",
+                       layout.image_token_mask))  # fmt: skip
+    for edited, after, later, candidates in points:
+        b, p = (int(i) for i in candidates.nonzero()[len(candidates.nonzero()) // 2])
+        source, target = layout.tower_for(edited), layout.tower_for(after)
+        expected = torch.ones(target.shape, dtype=torch.bool)
+        for field in ("kind", "image", "tile", "row", "col"):
+            expected &= getattr(target, field) == getattr(source, field)[b, p]
+        names = [after] + ([later] if later else [])
+        _, clean = model.run_with_cache(prepared, names_filter=names)
+
+        def bump(x, hook, b=b, p=p):
+            x = x.clone()
+            x[b, p] += 1.0
+            return x
+
+        with model.hooks(fwd_hooks=[(edited, bump)]):
+            _, patched = model.run_with_cache(prepared, names_filter=names)
+        # packed towers (Qwen2-VL vision) add a leading axis of 1 at the hook point
+        changed = (patched[after] != clean[after]).any(-1).reshape(target.shape)
+        assert expected.sum() == 1 and torch.equal(changed, expected), (name, edited)
+        if later:
+            later_changed = (patched[later] != clean[later]).any(-1)[b]
+            assert not later_changed[:p].any() and later_changed[p:].all(), name
+
+
 def test_layout_selectors_match_the_inputs(family):
     name, model, prepared = family
     layout = prepared.layout

@@ -90,31 +90,17 @@ def llava_next_processor():
 def _text_config(tokenizer, model_type: str) -> dict:
     ids = tokenizer.convert_tokens_to_ids
     return dict(
-        model_type=model_type,
-        vocab_size=TINY_LLAVA_VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=1024,
-        bos_token_id=ids("<s>"),
-        eos_token_id=ids("</s>"),
-        pad_token_id=ids("<|endoftext|>"),
-    )
+        model_type=model_type, vocab_size=TINY_LLAVA_VOCAB, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=37, max_position_embeddings=1024,
+        bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), pad_token_id=ids("<|endoftext|>"),
+    )  # fmt: skip
 
 
 def _vision_config() -> dict:
     return dict(
-        model_type="clip_vision_model",
-        image_size=TINY_CLIP_TILE,
-        patch_size=TINY_CLIP_PATCH,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=37,
-        projection_dim=16,
-    )
+        model_type="clip_vision_model", image_size=TINY_CLIP_TILE, patch_size=TINY_CLIP_PATCH, hidden_size=32,
+        num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, projection_dim=16,
+    )  # fmt: skip
 
 
 def tiny_llava_config(tokenizer, vision_feature_select_strategy: str = "default", vision_feature_layer=-2):
