@@ -37,10 +37,12 @@ def _block_io(model: HookedVLM, tower: str, prepared) -> tuple[list[torch.Tensor
     handles = [
         block.register_forward_hook(
             lambda m, args, kwargs, out: (
-                inputs.append((args[0] if args else next(iter(kwargs.values()))).detach()),
-                outputs.append(_first(out).detach()),
-            )
-            and None,
+                (
+                    inputs.append((args[0] if args else next(iter(kwargs.values()))).detach()),
+                    outputs.append(_first(out).detach()),
+                )
+                and None
+            ),
             with_kwargs=True,
         )
         for block in blocks
@@ -213,7 +215,10 @@ def test_generation_equals_the_wrapped_models(family):
     with torch.no_grad():
         reference = model.raw_model.generate(**prepared.kwargs, max_new_tokens=3, do_sample=False)
     assert torch.equal(generation.sequences, reference), name
-    assert generation.new_tokens.shape == (reference.shape[0], reference.shape[1] - prepared.kwargs["input_ids"].shape[1])
+    assert generation.new_tokens.shape == (
+        reference.shape[0],
+        reference.shape[1] - prepared.kwargs["input_ids"].shape[1],
+    )
 
 
 def test_one_name_for_stores_sae_configs_and_steering(family):
@@ -222,8 +227,10 @@ def test_one_name_for_stores_sae_configs_and_steering(family):
 
     name, model, _ = family
     assert model.name == checkpoint_name(model) == model_name(model) == model.adapter.name
-    assert model.name == (getattr(getattr(model.raw_model, "config", None), "name_or_path", "") or
-                          f"{model.adapter.family}:{type(model.raw_model).__name__}")
+    assert model.name == (
+        getattr(getattr(model.raw_model, "config", None), "name_or_path", "")
+        or f"{model.adapter.family}:{type(model.raw_model).__name__}"
+    )
 
 
 # ---- the contract itself ------------------------------------------------------------------------------------------
