@@ -125,52 +125,53 @@ def test_residual_hooks_equal_hf_hidden_states(tiny):
     torch.testing.assert_close(cache["lm.ln_final.hook_normalized"], lm_states[-1])  # HF's last state is after the norm
 
 
-def _expected_block_values(model, tower: str, i: int, store: dict) -> dict:
-    heads = model.adapter.towers()[0 if tower == "vision" else 1].d_head
-    split = lambda x: x.unflatten(-1, (-1, heads))  # noqa: E731
-    values = {
-        "hook_resid_pre": store["block in"], "ln1.hook_normalized": store["ln1"], "attn.hook_q": split(store["q"]),
-        "attn.hook_k": split(store["k"]), "attn.hook_v": split(store["v"]), "attn.hook_z": split(store["o in"]),
-        "hook_attn_out": store["attn"], "hook_resid_mid": store["ln2 in"], "ln2.hook_normalized": store["ln2"],
-        "mlp.hook_pre": store["mlp in"], "mlp.hook_post": store["mlp out in"], "hook_mlp_out": store["mlp"],
-        "hook_resid_post": store["block"],
+#: module names inside a block of each tower: (ln1, ln2, attention out, MLP in, MLP up, MLP out)
+BLOCK_MODULES = {
+    "vision": ("layer_norm1", "layer_norm2", "out_proj", "fc1", None, "fc2"),
+    "lm": ("input_layernorm", "post_attention_layernorm", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _block_spec(block: str, tower: str) -> dict[str, tuple[str, str]]:
+    """What to record straight from one block's HF modules: key → (module path, "in" / "out")."""
+    ln1, ln2, o, mlp_in, up, mlp_out = BLOCK_MODULES[tower]
+    spec = {
+        "hook_resid_pre": (block, "in"), "ln1.hook_normalized": (f"{block}.{ln1}", "out"),
+        "attn.hook_q": (f"{block}.self_attn.q_proj", "out"), "attn.hook_k": (f"{block}.self_attn.k_proj", "out"),
+        "attn.hook_v": (f"{block}.self_attn.v_proj", "out"), "attn.hook_z": (f"{block}.self_attn.{o}", "in"),
+        "hook_attn_out": (f"{block}.self_attn", "out"), "hook_resid_mid": (f"{block}.{ln2}", "in"),
+        "ln2.hook_normalized": (f"{block}.{ln2}", "out"), "mlp.hook_pre": (f"{block}.mlp.{mlp_in}", "out"),
+        "mlp.hook_post": (f"{block}.mlp.{mlp_out}", "in"), "hook_mlp_out": (f"{block}.mlp", "out"),
+        "hook_resid_post": (block, "out"),
     }  # fmt: skip
-    if tower == "lm":
-        values["mlp.hook_pre_linear"] = store["up"]
-    return {f"{tower}.blocks.{i}.{k}": v for k, v in values.items()}
+    if up:
+        spec["mlp.hook_pre_linear"] = (f"{block}.mlp.{up}", "out")
+    return spec
 
 
-@pytest.mark.parametrize("tower", ["vision", "lm"])
-def test_every_block_hook_equals_the_hf_modules(tiny, tower):
-    """Every per-block hook (but the attention-function ones) against PyTorch hooks placed straight on HF modules."""
+def test_every_block_hook_equals_the_hf_modules(tiny):
+    """Every per-block hook of both towers (but the attention-function ones) against PyTorch hooks placed straight
+    on the HF modules, in one reference forward; q/k/v/z split into heads by hand."""
     _, hf, _, model = tiny
     prepared = model.prepare_inputs(image(WIDE), prompt=PROMPT)
-    names = {
-        "vision": ("layer_norm1", "layer_norm2", "out_proj", "fc1", None, "fc2"),
-        "lm": ("input_layernorm", "post_attention_layernorm", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    }
-    ln1, ln2, o, mlp_in, up, mlp_out = names[tower]
-    n_layers = 3 if tower == "vision" else 2
-    expected = {}
-    for i in range(n_layers):
-        block = model.adapter.block_list(tower) + f".{i}"
-        spec = {"block in": (block, "in"), "ln1": (f"{block}.{ln1}", "out"), "q": (f"{block}.self_attn.q_proj", "out"),
-                "k": (f"{block}.self_attn.k_proj", "out"), "v": (f"{block}.self_attn.v_proj", "out"),
-                "o in": (f"{block}.self_attn.{o}", "in"), "attn": (f"{block}.self_attn", "out"),
-                "ln2 in": (f"{block}.{ln2}", "in"), "ln2": (f"{block}.{ln2}", "out"), "mlp in": (f"{block}.mlp.{mlp_in}", "out"),
-                "mlp out in": (f"{block}.mlp.{mlp_out}", "in"), "mlp": (f"{block}.mlp", "out"), "block": (block, "out")}  # fmt: skip
-        if up:
-            spec["up"] = (f"{block}.mlp.{up}", "out")
-        store, handles = direct_hooks(hf, spec)
-        try:
-            reference_logits(hf, prepared)
-        finally:
-            for handle in handles:
-                handle.remove()
-        expected |= _expected_block_values(model, tower, i, store)
-    _, cache = model.run_with_cache(prepared, names_filter=list(expected))
-    assert set(cache) == set(expected)
-    for name, value in expected.items():
+    spec, heads = {}, {}
+    for tower in model.adapter.towers():
+        for i in range(tower.n_layers):
+            block = f"{model.adapter.block_list(tower.name)}.{i}"
+            for suffix, where in _block_spec(block, tower.name).items():
+                name = f"{tower.name}.blocks.{i}.{suffix}"
+                spec[name], heads[name] = where, tower.d_head
+    store, handles = direct_hooks(hf, spec)
+    try:
+        reference_logits(hf, prepared)
+    finally:
+        for handle in handles:
+            handle.remove()
+    _, cache = model.run_with_cache(prepared, names_filter=list(spec))
+    assert set(cache) == set(spec) and len(spec) == 3 * 13 + 2 * 14
+    for name, value in store.items():
+        if name.endswith(("hook_q", "hook_k", "hook_v", "hook_z")):
+            value = value.unflatten(-1, (-1, heads[name]))
         torch.testing.assert_close(cache[name], value, rtol=0, atol=0, msg=name)
 
 
