@@ -61,6 +61,8 @@ QWEN2_BLOCK = BlockPaths(
 VISION = "model.vision_tower"
 PROJECTOR = "model.multi_modal_projector"
 LM = "model.language_model"
+#: forward keywords that choose which vision features reach the projector
+FEATURE_KEYWORDS = ("vision_feature_layer", "vision_feature_select_strategy")
 #: the projector runs per tile, like the vision tower; its packed output is a sequence of its own
 TOWER_OF_PREFIX = {"projector": "vision", "projector.hook_packed": "packed"}
 
@@ -344,6 +346,14 @@ class LlavaOnevisionAdapter(HFAdapter):
                 processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
             )
         model_kwargs |= model_keywords(self.model, kwargs)
+        # the hook map and the layout were built from the config's feature selection: another one for this run
+        # would put vision.hook_out on the wrong layer and mislabel positions
+        overridden = [k for k in FEATURE_KEYWORDS if k in model_kwargs and model_kwargs[k] != getattr(self.config, k)]
+        if overridden:
+            raise ValueError(
+                f"{overridden} differ from the model config's; hooks and layout follow the config, so set "
+                "model.config.<name> before wrapping the model instead of passing it to one run"
+            )
         if "pixel_values_videos" in model_kwargs:
             raise NotImplementedError("video inputs are not supported yet by the LLaVA-OneVision adapter")
         return Prepared(to_model(model_kwargs, self.model), partial(self._layout, model_kwargs))

@@ -384,6 +384,10 @@ def test_unsupported_configurations_are_refused_when_wrapped(tiny):
     _, _, _, model = tiny
     with pytest.raises(TypeError, match="image sizes and expanded <image> tokens"):
         model.prepare_inputs(torch.zeros(1, 3, 16, 16), prompt=PROMPT)
+    with pytest.raises(ValueError, match=r"\['vision_feature_layer'\] differ from the model config"):
+        model.prepare_inputs(image(SQUARE), prompt=PROMPT, vision_feature_layer=-1)
+    same = model.prepare_inputs(image(SQUARE), prompt=PROMPT, vision_feature_layer=-2)  # the config's: accepted
+    assert torch.equal(model(same), model(image(SQUARE), prompt=PROMPT))
 
 
 # ---- real checkpoint configs on the meta device ---------------------------------------------------------------------------
