@@ -102,8 +102,9 @@ class _ClipLlavaAdapter(LlavaOnevisionAdapter):
         return {
             "vision tower": f"CLIP, {vision.n_layers} blocks, d={vision.d_model}, {vision.n_heads} heads × {vision.d_head}, "
             f"{config.vision_config.image_size} px / patch {config.vision_config.patch_size} → 1 CLS + {side}×{side}",
-            "feature layer": f"hidden_states[{layers}] (concatenated if several) → vision.hook_out; the last {unused} "
-            "block(s) and post_layernorm do not reach the LM",
+            "feature layer": f"hidden_states[{layers}] (concatenated if several) → vision.hook_out; "
+            + (f"the last {unused} block(s) and post_layernorm do not" if unused else "post_layernorm does not")
+            + " reach the LM",
             "feature strategy": f"{config.vision_feature_select_strategy!r}: "
             + ("CLS kept" if self.cls_kept else "CLS dropped")
             + f" → {self.cls_kept + side * side} features per tile",
