@@ -62,6 +62,8 @@ QWEN2_BLOCK = BlockPaths(
 VISION = "model.vision_tower"
 PROJECTOR = "model.multi_modal_projector"
 LM = "model.language_model"
+#: forward keywords that choose which vision features reach the projector
+FEATURE_KEYWORDS = ("vision_feature_layer", "vision_feature_select_strategy")
 #: the projector runs per tile, like the vision tower; its packed output is a sequence of its own
 TOWER_OF_PREFIX = {"projector": "vision", "projector.hook_packed": "packed"}
 
@@ -129,9 +131,10 @@ class KeywordInputTap(Tap):
 class ImagePacking:
     """How one image becomes vision tiles and LM tokens; the tensors run over its LM tokens in packed order.
 
-    ``source[k]`` is the flat index ``tile_row * 729 + patch`` into the vision tower's ``[tiles, 729]`` activations
-    (tiles counted over the whole input) of the SigLIP patch that LM token ``k`` of this image carries, or -1 for
-    newline tokens and for tokens of an interpolated (anyres_max down-scaled) grid, which mix several patches.
+    ``source[k]`` is the flat index ``tile_row * tokens + token`` into the projector's ``[tiles, tokens]`` rows
+    (tiles counted over the whole input; for LLaVA-OneVision these are the SigLIP tower's ``[tiles, 729]`` rows too)
+    of the feature that LM token ``k`` of this image carries, or -1 for newline tokens and for tokens of an
+    interpolated (anyres_max down-scaled) grid, which mix several patches.
     """
 
     image: int  # index over all images of the input, in prompt order
@@ -211,20 +214,32 @@ def _place_images(images: list[ImagePacking], image_tokens: Bool[Tensor, "batch 
         raise ValueError(f"{left} image tokens in the prompts have no image to fill them")
 
 
-def _vision_tower(images: list[ImagePacking]) -> TowerLayout:
-    """``[tiles, patches]``: every vision row is one tile of one image, patches in row-major order."""
+def _vision_tower(images: list[ImagePacking], n_prefix: int = 0) -> TowerLayout:
+    """``[tiles, n_prefix + patches]``: every vision row is one tile of one image, ``n_prefix`` CLS tokens first
+    (CLIP towers), then the patches in row-major order."""
     rows, cols = images[0].patch_grid
-    n = sum(p.n_tiles for p in images)
+    n, width = sum(p.n_tiles for p in images), n_prefix + rows * cols
     image = torch.cat([torch.full((p.n_tiles,), p.image) for p in images])
     tile = torch.cat([torch.arange(p.n_tiles) for p in images])
-    row, col = _index_grid(rows * cols, cols)
+    row, col = (torch.cat([torch.full((n_prefix,), -1), x]) for x in _index_grid(rows * cols, cols))
+    kind = torch.full((n, width), int(Kind.PATCH))
+    kind[:, :n_prefix] = int(Kind.CLS)
     return TowerLayout(
-        kind=torch.full((n, rows * cols), int(Kind.PATCH)),
-        image=image[:, None].expand(n, rows * cols).clone(),
-        tile=tile[:, None].expand(n, rows * cols).clone(),
+        kind=kind,
+        image=image[:, None].expand(n, width).clone(),
+        tile=tile[:, None].expand(n, width).clone(),
         row=row.expand(n, -1).clone(),
         col=col.expand(n, -1).clone(),
         grids=[(rows, cols)] * n,
+    )
+
+
+def _packed_tower(lm: TowerLayout, image_tokens: Bool[Tensor, "batch seq"]) -> TowerLayout:
+    """``[1, image tokens]``: the LM's image-token positions, concatenated over the batch (``projector.hook_packed``)."""
+    return TowerLayout(
+        *(field_[image_tokens][None] for field_ in (lm.kind, lm.image, lm.tile, lm.row, lm.col)),
+        grids=list(lm.grids),
+        notes=list(lm.notes),
     )
 
 
@@ -237,6 +252,8 @@ class LlavaOnevisionAdapter(HFAdapter):
     family = "llava_onevision"
     model_class = LlavaOnevisionForConditionalGeneration
     image_features_method = ("model", "get_image_features")
+    #: module names inside one vision block (the LLaVA-1.5 / NeXT adapters put CLIP's here)
+    vision_block: BlockPaths = SIGLIP_BLOCK
 
     # ---- structure --------------------------------------------------------------------------------------------------
     @property
@@ -276,9 +293,9 @@ class LlavaOnevisionAdapter(HFAdapter):
 
     def hook_map(self) -> dict[str, Tap]:
         vision, lm = self.towers()
-        hooks: dict[str, Tap] = {"vision.hook_embed": OutputTap(f"{VISION}.embeddings")}
+        hooks = self._embedding_hooks()
         for i in range(vision.n_layers):
-            hooks |= block_hooks(f"vision.blocks.{i}", f"{VISION}.encoder.layers.{i}", SIGLIP_BLOCK, vision.d_head)
+            hooks |= block_hooks(f"vision.blocks.{i}", f"{VISION}.encoder.layers.{i}", self.vision_block, vision.d_head)
         hooks["vision.hook_out"] = self._feature_tap(vision.n_layers)
         hooks["projector.hook_in"] = InputTap(PROJECTOR)
         hooks["projector.hook_pre"] = OutputTap(f"{PROJECTOR}.linear_1")
@@ -298,6 +315,10 @@ class LlavaOnevisionAdapter(HFAdapter):
             "projector.hook_packed": output_width(submodule(self.model, PROJECTOR)),
             "lm.hook_embed": output_width(lm_embeddings),
         }
+
+    def _embedding_hooks(self) -> dict[str, Tap]:
+        """The vision tower's hooks before its first block."""
+        return {"vision.hook_embed": OutputTap(f"{VISION}.embeddings")}
 
     def _feature_tap(self, n_layers: int) -> Tap:
         """``vision.hook_out``: the hidden state ``vision_feature_layer`` selects; ``hidden_states[i]`` (i ≥ 1) is
@@ -325,7 +346,8 @@ class LlavaOnevisionAdapter(HFAdapter):
         else:
             if is_pixel_values(inputs):
                 raise TypeError(
-                    "LLaVA-OneVision needs image sizes besides pixel_values: pass images, or the processor's outputs as a dict"
+                    f"{type(self.model).__name__} needs the processor's image sizes and expanded <image> tokens besides "
+                    "pixel_values: pass images, or the processor's outputs as a dict"
                 )
             processor = self.require_processor()
             texts, images = chat_prompts(processor, inputs, text, prompt)
@@ -333,6 +355,14 @@ class LlavaOnevisionAdapter(HFAdapter):
                 processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
             )
         model_kwargs |= model_keywords(self.model, kwargs)
+        # the hook map and the layout were built from the config's feature selection: another one for this run
+        # would put vision.hook_out on the wrong layer and mislabel positions
+        overridden = [k for k in FEATURE_KEYWORDS if k in model_kwargs and model_kwargs[k] != getattr(self.config, k)]
+        if overridden:
+            raise ValueError(
+                f"{overridden} differ from the model config's; hooks and layout follow the config, so set "
+                "model.config.<name> before wrapping the model instead of passing it to one run"
+            )
         if "pixel_values_videos" in model_kwargs:
             raise NotImplementedError("video inputs are not supported yet by the LLaVA-OneVision adapter")
         return Prepared(to_model(model_kwargs, self.model), partial(self._layout, model_kwargs))
@@ -365,9 +395,7 @@ class LlavaOnevisionAdapter(HFAdapter):
             for start, n in zip(starts, n_tiles, strict=True)
         ]
         newline = torch.tensor([-1.0], dtype=torch.float64)
-        packed, _ = self.model.model.pack_image_features(
-            indices, image_sizes, image_newline=newline, vision_aspect_ratio=config.vision_aspect_ratio
-        )
+        packed = self._pack(indices, image_sizes, newline)
         images = []
         for i, (size, start, n, values) in enumerate(zip(image_sizes.tolist(), starts, n_tiles, packed, strict=True)):
             values = values[:, 0]
@@ -392,37 +420,59 @@ class LlavaOnevisionAdapter(HFAdapter):
             source[is_newline] = -1
             images.append(
                 ImagePacking(
-                    image=i, first_tile=start, n_tiles=n, tile_grid=tile_grid, patch_grid=(side, side),
-                    unpadded_grid=unpadded_grid, grid=grid, kind=kind, tile=tile, row=row, col=col, source=source,
+                    image=i,
+                    first_tile=start,
+                    n_tiles=n,
+                    tile_grid=tile_grid,
+                    patch_grid=(side, side),
+                    unpadded_grid=unpadded_grid,
+                    grid=grid,
+                    kind=kind,
+                    tile=tile,
+                    row=row,
+                    col=col,
+                    source=source,
                 )
             )
         return images
 
+    def _pack(self, features: list[Tensor], image_sizes: Tensor, newline: Tensor) -> list[Tensor]:
+        """The model's own ``pack_image_features`` on per-image ``[tiles, tokens, d]`` features."""
+        packed, _ = self.model.model.pack_image_features(
+            features, image_sizes, image_newline=newline, vision_aspect_ratio=self.config.vision_aspect_ratio
+        )
+        return packed
+
     def _layout(self, model_kwargs: dict[str, Any]) -> LlavaOnevisionLayout:
+        input_ids = model_kwargs["input_ids"].cpu()
+        attention_mask = model_kwargs.get("attention_mask")
+        lm = text_tower(attention_mask if attention_mask is not None else torch.ones_like(input_ids))
+        layout = LlavaOnevisionLayout({"lm": lm}, tower_of_prefix=dict(self.tower_of_prefix()))
+        if model_kwargs.get("pixel_values") is None:
+            return layout
+        layout.images = self._image_packings(model_kwargs)
+        image_tokens = input_ids == self.config.image_token_id
+        _place_images(layout.images, image_tokens, lm)
+        layout.towers |= self._image_towers(layout.images, lm, image_tokens)
+        return layout
+
+    def _image_packings(self, model_kwargs: dict[str, Any]) -> list[ImagePacking]:
+        """The packing of every image of an input, from its processor outputs."""
         if self.config.vision_feature_select_strategy != "full":
             raise NotImplementedError(
                 "the LLaVA-OneVision layout assumes vision_feature_select_strategy='full' (all 729 tokens per tile, "
                 f"as in the released checkpoints), not {self.config.vision_feature_select_strategy!r}"
             )
-        input_ids = model_kwargs["input_ids"].cpu()
-        attention_mask = model_kwargs.get("attention_mask")
-        lm = text_tower(attention_mask if attention_mask is not None else torch.ones_like(input_ids))
-        layout = LlavaOnevisionLayout({"lm": lm}, tower_of_prefix=dict(TOWER_OF_PREFIX))
-        if model_kwargs.get("pixel_values") is None:
-            return layout
         batch_num_images = model_kwargs.get("batch_num_images")
-        layout.images = self.image_packing(
+        return self.image_packing(
             model_kwargs["image_sizes"].cpu(), None if batch_num_images is None else batch_num_images.tolist()
         )
-        image_tokens = input_ids == self.config.image_token_id
-        _place_images(layout.images, image_tokens, lm)
-        layout.towers["vision"] = _vision_tower(layout.images)
-        layout.towers["packed"] = TowerLayout(
-            *(field_[image_tokens][None] for field_ in (lm.kind, lm.image, lm.tile, lm.row, lm.col)),
-            grids=list(lm.grids),
-            notes=list(lm.notes),
-        )
-        return layout
+
+    def _image_towers(
+        self, images: list[ImagePacking], lm: TowerLayout, image_tokens: Bool[Tensor, "batch seq"]
+    ) -> dict[str, TowerLayout]:
+        """The layouts of the sequences an input's images run as, besides the LM's."""
+        return {"vision": _vision_tower(images), "packed": _packed_tower(lm, image_tokens)}
 
     # ---- running ----------------------------------------------------------------------------------------------------
     def forward(self, prepared: Prepared) -> Tensor:

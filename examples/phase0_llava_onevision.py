@@ -1,14 +1,16 @@
-"""Phase 0 — model access on LLaVA-OneVision: the team's checklist, end to end, with a ✓ per item.
+"""Phase 0 — model access on LLaVA-OneVision (and LLaVA-1.5 / LLaVA-NeXT): the team's checklist, with a ✓ per item.
 
     python examples/phase0_llava_onevision.py                       # tiny random LLaVA-OneVision, offline
+    python examples/phase0_llava_onevision.py --model tiny:llava    # tiny LLaVA-1.5 (tiny:llava_next: LLaVA-NeXT)
+    python examples/phase0_llava_onevision.py --model llava-hf/llava-v1.6-mistral-7b-hf --dtype bfloat16 --device cuda
     python examples/phase0_llava_onevision.py --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf --device cuda
     python examples/phase0_llava_onevision.py --model llava-hf/llava-onevision-qwen2-7b-ov-hf --dtype bfloat16 \\
         --image photo.jpg --prompt "Is this photo beautiful?"
 
-1. load the model                        6. attention heads and their hook points (SigLIP; Qwen2 GQA)
+1. load the model                        6. attention heads and their hook points (SigLIP or CLIP; the LM's GQA)
 2. list the hookable layers              7. a one-image hook test: cached activations against HF's own hidden
 3. the projection structure                 states, projector and packed features; logits against the unwrapped
-4. the image → SigLIP tokens → projector    model; heatmaps over the image (vision tile, LM image tokens, attention)
+4. the image → vision tokens → projector    model; heatmaps over the image (vision tile, LM image tokens, attention)
    → packed LM tokens flow (two PNGs)    8. token layout: counts for square / wide / tall / down-scaled /
 5. hidden-state shapes per layer            multi-image inputs, against the processor's own arithmetic
                                          9. early stop: vision-only requests never run the language model
@@ -32,11 +34,13 @@ from hooked_vlm import HookedVLM, Kind
 from hooked_vlm.cli import record_shapes
 from hooked_vlm.inputs import load_images
 from hooked_vlm.plotting import attention_map, flow_diagram, patch_heatmap
+from hooked_vlm.sae.features import model_view
 from hooked_vlm.testing import sample_image
 
 from common import Checklist, load, parser
 
 PROMPT = "Describe the picture."
+FAMILIES = ("llava_onevision", "llava", "llava_next")
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -44,8 +48,11 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def tiles_of(prepared) -> torch.Tensor:
-    """The tiles SigLIP runs on, cut out of the padded ``pixel_values`` as ``get_image_features`` does."""
+    """The tiles the vision tower runs on, cut out of the padded ``pixel_values`` as ``get_image_features`` does
+    (LLaVA-1.5: one untiled row per image)."""
     pixels = prepared.kwargs["pixel_values"]
+    if pixels.dim() == 4:
+        return pixels
     return torch.cat([pixels[p.image, : p.n_tiles] for p in prepared.layout.images])
 
 
@@ -75,8 +82,15 @@ def beside(base: np.ndarray, grid: np.ndarray | None, fill: float, gap: int) -> 
     return canvas, base.shape[1] + gap
 
 
+def tower_names(model: HookedVLM) -> tuple[str, str]:
+    """The vision tower's and the language model's architecture names, for labels."""
+    config = model.raw_model.config
+    vision = "CLIP" if config.vision_config.model_type.startswith("clip") else "SigLIP"
+    return vision, config.text_config.model_type.capitalize()
+
+
 def packing_diagram(model: HookedVLM, image: Image.Image, prepared, cache, path: Path) -> None:
-    """image → anyres tiles → SigLIP tokens → projector (per tile) → packed LM tokens, for image 0 of ``prepared``.
+    """image → anyres tiles → vision tokens → projector (per tile) → packed LM tokens, for image 0 of ``prepared``.
 
     Each stage shows the base tile (left) and the high-res grid (right) at the same scale.
     """
@@ -115,8 +129,13 @@ def packing_diagram(model: HookedVLM, image: Image.Image, prepared, cache, path:
         axes[2].add_patch(Rectangle((x1 + left - 0.5, top - 0.5), cols, rows, fill=False, ec="cyan", lw=2, ls="--"))
         tiles_note = f"base tile (whole image) + {gh}×{gw} grid tiles"
     else:
-        tiles_note = "one tile per image (multi-image prompt: no anyres grid)"
-    axes[1].set_title(f"anyres tiles → SigLIP\n{tiles_note}\n{side}×{side} = {side * side} tokens per tile, no CLS")
+        tiles_note = "one tile per image (no anyres grid)"
+    vision_name = tower_names(model)[0]
+    dropped = layout["vision"].shape[1] > layout.tower_for("projector.hook_out").shape[1]
+    cls_note = "CLS dropped" if dropped else "no CLS"
+    axes[1].set_title(
+        f"tiles → {vision_name}\n{tiles_note}\n{side}×{side} = {side * side} patch tokens per tile, {cls_note}"
+    )
     axes[2].set_title(
         f"projector, per tile: ‖projector.hook_out‖\n[{packing.n_tiles} tiles, {side * side}, d_lm]"
         + ("\ncyan: kept after unpadding" if tiled else "")
@@ -141,9 +160,11 @@ def packing_diagram(model: HookedVLM, image: Image.Image, prepared, cache, path:
         counts = f"{side}×{side} base + {rows}×({cols} + 1 newline) = {packing.n_tokens} tokens"
     else:
         shown = axes[3].imshow(base_tokens, cmap="magma")
-        note, counts = "", f"{side}×{side} + 1 newline = {packing.n_tokens} tokens"
+        newline = " + 1 newline" if packing.n_tokens > side * side else ""
+        note, counts = "", f"{side}×{side}{newline} = {packing.n_tokens} tokens"
     fig.colorbar(shown, ax=axes[3], shrink=0.7, location="bottom", label="L2 norm")
-    axes[3].set_title(f"packed into the LM (projector.hook_packed)\n‖lm.hook_embed‖, newlines in green\n{counts}\n{note}")
+    newlines_note = ", newlines in green" if (packing.kind == Kind.NEWLINE).any() else ""
+    axes[3].set_title(f"packed into the LM\n‖lm.hook_embed‖{newlines_note}\n{counts}\n{note}")
 
     lm = layout["lm"]
     kind, tile = lm.kind[packing.batch].numpy(), lm.tile[packing.batch].numpy()
@@ -167,14 +188,18 @@ def packing_diagram(model: HookedVLM, image: Image.Image, prepared, cache, path:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.title.set_fontsize(9.5)
-    fig.suptitle(f"{model.adapter.family}: image → SigLIP tokens → projector → packed LM tokens", fontsize=13)
+    fig.suptitle(f"{model.adapter.family}: image → {vision_name} tokens → projector → packed LM tokens", fontsize=13)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = parser(__doc__, default_model="tiny:llava_onevision", default_out="out/phase0_llava_onevision",
-                     model_help="hub id / folder or tiny:llava_onevision")
+    options = parser(
+        __doc__,
+        default_model="tiny:llava_onevision",
+        default_out="out/phase0_llava_onevision",
+        model_help="hub id / folder or tiny:llava_onevision",
+    )
     options.add_argument("--prompt", default=PROMPT)
     args = options.parse_args(argv)
     out = args.out
@@ -186,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     tile_px = raw.config.vision_config.image_size
     image = load_images(args.image)[0] if args.image else sample_image(int(2.6 * tile_px), int(1.5 * tile_px))
     print(model)
-    check(model.adapter.family == "llava_onevision", f"load: {args.model} → {type(raw).__name__}")
+    check(model.adapter.family in FAMILIES, f"load: {args.model} → {type(raw).__name__}")
+    vision_name, lm_name = tower_names(model)
 
     # 2. Hookable layers.
     names = model.hook_names()
@@ -196,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     check(
         len(model.hook_names("vision.blocks.*.hook_resid_post")) == vision.n_layers
         and len(model.hook_names("lm.blocks.*.hook_resid_post")) == lm.n_layers,
-        f"hookable layers: {len(names)} hook points ({vision.n_layers} SigLIP + {lm.n_layers} Qwen2 blocks)",
+        f"hookable layers: {len(names)} hook points ({vision.n_layers} {vision_name} + {lm.n_layers} {lm_name} blocks)",
     )
 
     # 3. Projection structure.
@@ -209,11 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     prepared = model.prepare_inputs(image, prompt=args.prompt)
     shapes = record_shapes(model, prepared)
     flow_diagram(model, shapes, out / "flow.png", image=image, inputs=prepared.kwargs)
+    # LLaVA-1.5 packs nothing: its image tokens take the features in order
+    packs = "projector.hook_packed" in model.hook_dict
     with torch.no_grad():
         _, cache = model.run_with_cache(
             prepared,
             names_filter=["vision.hook_embed", "vision.hook_out", "projector.hook_in", "projector.hook_out",
-                          "projector.hook_packed", "lm.hook_embed", *model.hook_names("*.hook_resid_post")],
+                          *(["projector.hook_packed"] if packs else []), "lm.hook_embed",
+                          *model.hook_names("*.hook_resid_post")],
         )  # fmt: skip
     packing_diagram(model, image, prepared, cache, out / "packing.png")
     check((out / "packing.png").stat().st_size > 0, f"image → tokens flow: {out / 'flow.png'}, {out / 'packing.png'}")
@@ -221,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     # 5. Hidden-state shapes per layer: the vision tower runs one batch row per tile, the LM one per prompt.
     for name in ("vision.blocks.0.hook_resid_post", "vision.hook_out", "projector.hook_out", "projector.hook_packed",
                  "lm.hook_embed", "lm.blocks.0.hook_resid_post"):  # fmt: skip
+        if name not in shapes:
+            continue
         print(f"  {name}: {list(shapes[name].shape)}")
     n_tiles = sum(p.n_tiles for p in prepared.layout.images)
     check(
@@ -236,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     check(
         shapes["lm.blocks.0.attn.hook_k"].shape[-2:] == (lm.n_kv_heads, lm.d_head)
         and shapes["lm.blocks.0.attn.hook_q"].shape[-2:] == (lm.n_heads, lm.d_head),
-        f"heads: SigLIP {vision.n_heads} × {vision.d_head}; Qwen2 {lm.n_heads} query heads / {lm.n_kv_heads} kv-heads"
+        f"heads: {vision_name} {vision.n_heads} × {vision.d_head}; {lm_name} {lm.n_heads} query heads / {lm.n_kv_heads} kv-heads"
         f" × {lm.d_head} (rot_q / rot_k after RoPE)",
     )
 
@@ -245,22 +276,28 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         vision_states = raw.model.vision_tower(tiles_of(prepared), output_hidden_states=True).hidden_states
         out_hf = raw(**prepared.kwargs, output_hidden_states=True)
-        packed = raw.model.get_image_features(
-            prepared.kwargs["pixel_values"], prepared.kwargs["image_sizes"],
-            batch_num_images=prepared.kwargs["batch_num_images"],
-        ).pooler_output  # fmt: skip
-        projected = raw.model.multi_modal_projector(vision_states[-1])
+        per_image = {k: prepared.kwargs[k] for k in ("image_sizes", "batch_num_images") if k in prepared.kwargs}
+        packed = raw.model.get_image_features(prepared.kwargs["pixel_values"], **per_image).pooler_output
+        # what the projector reads: the configured layer(s), CLS dropped under strategy "default"
+        layers = raw.config.vision_feature_layer
+        drop = int(raw.config.vision_feature_select_strategy == "default")
+        layers = layers if isinstance(layers, list) else [layers]
+        selected = torch.cat([vision_states[i][:, drop:] for i in layers], -1)
+        projected = raw.model.multi_modal_projector(selected)
         logits = model(prepared)
     errors = {f"vision.blocks.{i}.hook_resid_post": relative_error(cache[f"vision.blocks.{i}.hook_resid_post"], s)
               for i, s in enumerate(vision_states[1:])}  # fmt: skip
     errors |= {f"lm.blocks.{i}.hook_resid_post": relative_error(cache[f"lm.blocks.{i}.hook_resid_post"], s)
                for i, s in enumerate(out_hf.hidden_states[1:-1])}  # the last HF state is after the final norm  # fmt: skip
+    errors["vision.hook_out"] = relative_error(cache["vision.hook_out"], selected)
     errors["projector.hook_out"] = relative_error(cache["projector.hook_out"], projected)
-    errors["projector.hook_packed"] = relative_error(cache["projector.hook_packed"][0], torch.cat(packed))
+    image_tokens = prepared.kwargs["input_ids"] == raw.config.image_token_id
+    errors["lm.hook_embed (image tokens)"] = relative_error(cache["lm.hook_embed"][image_tokens], torch.cat(packed))
+    if packs:
+        errors["projector.hook_packed"] = relative_error(cache["projector.hook_packed"][0], torch.cat(packed))
     errors["logits"] = relative_error(logits, out_hf.logits)
     for name, error in errors.items():
         print(f"  {name}: max |ours − HF| / max |HF| = {error:.1e}")
-    image_tokens = prepared.kwargs["input_ids"] == raw.config.image_token_id
     same_mask = torch.equal(prepared.layout.image_token_mask.to(image_tokens.device), image_tokens)
     check(max(errors.values()) <= tolerance and same_mask,
           f"hook test: {len(errors)} activations and the logits match HF (worst {max(errors.values()):.1e} ≤ "
@@ -269,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = prepared.layout
     last_vision = f"vision.blocks.{vision.n_layers - 1}.hook_resid_post"
     base_norms = layout.image_grid(last_vision, cache[last_vision], image=0, tile=0).norm(dim=-1)
-    patch_heatmap(image.resize((tile_px, tile_px)), base_norms, out / "vision_base_tile_norm.png",
+    patch_heatmap(model_view(model, image).resize((tile_px, tile_px)), base_norms, out / "vision_base_tile_norm.png",
                   title=f"‖{last_vision}‖, base tile", label="L2 norm")  # fmt: skip
     pngs = ["vision_base_tile_norm.png"]
     packing = layout.images[0]
@@ -299,23 +336,31 @@ def main(argv: list[str] | None = None) -> int:
     agree = True
     for label, (w, h) in shapes_px.items():
         (p,) = model.prepare_inputs(sample_image(w, h), prompt=args.prompt).layout.images
-        expected = processor._get_number_of_features(h, w, tile_px, tile_px)
+        (expected,) = processor._get_num_multimodal_tokens(image_sizes=[[h, w]])["num_image_tokens"]
         agree &= p.n_tokens == expected
         print(f"  {label:12} {w}×{h}: {p.n_tiles} tiles ({p.tile_grid}), grid {p.grid}"
               f"{' interpolated from ' + str(p.unpadded_grid) if p.interpolated else ''} → {p.n_tokens} LM tokens "
               f"(processor: {expected})")  # fmt: skip
-    two = model.prepare_inputs([sample_image(w, h) for w, h in list(shapes_px.values())[:2]], prompt=args.prompt)
+    pair = list(shapes_px.values())[:2]
+    two = model.prepare_inputs([sample_image(w, h) for w, h in pair], prompt=args.prompt)
     counts = [p.n_tokens for p in two.layout.images]
-    agree &= counts == [side * side + 1] * 2
-    print(f"  two images in one prompt: {counts} LM tokens (base tile + newline each, no anyres grid)")
-    check(agree, "token layout: layout counts equal the processor's for square / wide / tall / down-scaled / multi-image")
+    if model.adapter.family == "llava_onevision":  # only a single-image prompt is tiled
+        expected_counts, how = [side * side + 1] * 2, "base tile + newline each, no anyres grid"
+    else:  # LLaVA-1.5 / NeXT treat each image as if it were alone
+        sizes = [[h, w] for w, h in pair]
+        expected_counts, how = processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"], "as alone"
+    agree &= counts == expected_counts
+    print(f"  two images in one prompt: {counts} LM tokens ({how})")
+    check(
+        agree, "token layout: layout counts equal the processor's for square / wide / tall / down-scaled / multi-image"
+    )
 
     # 9. Early stop across towers.
     calls = []
     handle = raw.model.language_model.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
         with torch.no_grad():
-            result, vision_only = model.run_with_cache(prepared, names_filter=["vision.hook_out", "projector.hook_packed"])
+            result, vision_only = model.run_with_cache(prepared, names_filter=["vision.hook_out", "projector.hook_out"])
     finally:
         handle.remove()
     check(result is None and not calls and len(vision_only) == 2,

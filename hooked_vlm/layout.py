@@ -118,10 +118,11 @@ class InputLayout:
 
     @property
     def image_token_mask(self) -> Bool[Tensor, "batch seq"]:
-        """LM positions filled from images (image and newline tokens: ``input_ids == image_token_id``)."""
+        """LM positions filled from images (``input_ids == image_token_id``): image and newline tokens, and the
+        vision tower's CLS token where a model hands it on (LLaVA with ``vision_feature_select_strategy="full"``)."""
         if "lm" not in self.towers:
             raise KeyError(f"this input has no language-model sequence (towers: {sorted(self.towers)})")
-        return torch.isin(self.towers["lm"].kind, torch.tensor((Kind.IMAGE, Kind.NEWLINE)))
+        return torch.isin(self.towers["lm"].kind, torch.tensor((Kind.IMAGE, Kind.NEWLINE, Kind.CLS)))
 
     @property
     def main_tower(self) -> str:

@@ -74,6 +74,20 @@ class SelectToken(View):
         return out
 
 
+@dataclass(frozen=True)
+class TokensFrom(View):
+    """The positions from ``start`` on of a ``[batch, pos, d]`` boundary tensor (e.g. the patches without the CLS
+    token, where a model reads only those); an edit leaves the positions before ``start`` as they were."""
+
+    start: int
+
+    def to_hook(self, x: Tensor) -> Tensor:
+        return x[:, self.start :]
+
+    def from_hook(self, x: Tensor, h: Tensor) -> Tensor:
+        return torch.cat([x[:, : self.start], h], dim=1)
+
+
 IDENTITY = View()
 
 
@@ -196,7 +210,10 @@ class Run:
     run's observers (``run_with_cache``'s recorders), called with each value after the hook point's own hooks."""
 
     def __init__(
-        self, hook_points: Sequence[BoundHookPoint], stop_early: bool, observers: dict[BoundHookPoint, Observer] | None = None
+        self,
+        hook_points: Sequence[BoundHookPoint],
+        stop_early: bool,
+        observers: dict[BoundHookPoint, Observer] | None = None,
     ):
         self.pending = set(hook_points) if stop_early else None
         self.observers = observers or {}
@@ -217,9 +234,7 @@ class Run:
             if not isinstance(y, Tensor):
                 raise HookShapeError(f"hook on {hp.name!r} returned {type(y).__name__}, expected a Tensor or None")
             if y.shape != x.shape:
-                raise HookShapeError(
-                    f"hook on {hp.name!r} returned shape {tuple(y.shape)}, expected {tuple(x.shape)}"
-                )
+                raise HookShapeError(f"hook on {hp.name!r} returned shape {tuple(y.shape)}, expected {tuple(x.shape)}")
             if y.dtype != x.dtype:
                 # a silent cast would change the logits (bf16 into a float32 model) or fail deep in a layer norm
                 raise HookDtypeError(

@@ -11,7 +11,17 @@ import pytest
 import torch
 
 from hooked_vlm import HookedVLM, attention
-from hooked_vlm.taps import ConcurrentRunError, HookDtypeError, HookShapeError, InputTap, OutputTap, ResidualSumTap, Run, install_taps, remove_all
+from hooked_vlm.taps import (
+    ConcurrentRunError,
+    HookDtypeError,
+    HookShapeError,
+    InputTap,
+    OutputTap,
+    ResidualSumTap,
+    Run,
+    install_taps,
+    remove_all,
+)
 from hooked_vlm.testing import TINY_MODELS, config_names, meta_model, sample_image
 
 

@@ -37,10 +37,12 @@ def _block_io(model: HookedVLM, tower: str, prepared) -> tuple[list[torch.Tensor
     handles = [
         block.register_forward_hook(
             lambda m, args, kwargs, out: (
-                inputs.append((args[0] if args else next(iter(kwargs.values()))).detach()),
-                outputs.append(_first(out).detach()),
-            )
-            and None,
+                (
+                    inputs.append((args[0] if args else next(iter(kwargs.values()))).detach()),
+                    outputs.append(_first(out).detach()),
+                )
+                and None
+            ),
             with_kwargs=True,
         )
         for block in blocks
@@ -144,6 +146,41 @@ def test_early_stop_returns_the_same_values(family):
     assert torch.equal(early[hook], full[hook]), name
 
 
+def test_an_edit_at_one_image_position_changes_only_what_follows(family):
+    """Adding to one vision patch changes block 0's input at that patch only (wherever the layout puts it: Qwen2.5-VL
+    reorders patches into windows after the embedding); in a VLM, adding to the LM embedding of one image token
+    changes block 0's input there only, and its output at that token and later ones only (causal)."""
+    name, model, prepared = family
+    layout = prepared.layout
+    patches = layout.mask("patches", "vision.hook_embed")
+    points = [("vision.hook_embed", "vision.blocks.0.hook_resid_pre", None, patches)]
+    if model.adapter.has_language_model:
+        points.append(("lm.hook_embed", "lm.blocks.0.hook_resid_pre", "lm.blocks.0.hook_resid_post",
+                       layout.image_token_mask))  # fmt: skip
+    for edited, after, later, candidates in points:
+        b, p = (int(i) for i in candidates.nonzero()[len(candidates.nonzero()) // 2])
+        source, target = layout.tower_for(edited), layout.tower_for(after)
+        expected = torch.ones(target.shape, dtype=torch.bool)
+        for field in ("kind", "image", "tile", "row", "col"):
+            expected &= getattr(target, field) == getattr(source, field)[b, p]
+        names = [after] + ([later] if later else [])
+        _, clean = model.run_with_cache(prepared, names_filter=names)
+
+        def bump(x, hook, b=b, p=p):
+            x = x.clone()
+            x[b, p] += 1.0
+            return x
+
+        with model.hooks(fwd_hooks=[(edited, bump)]):
+            _, patched = model.run_with_cache(prepared, names_filter=names)
+        # packed towers (Qwen2-VL vision) add a leading axis of 1 at the hook point
+        changed = (patched[after] != clean[after]).any(-1).reshape(target.shape)
+        assert expected.sum() == 1 and torch.equal(changed, expected), (name, edited)
+        if later:
+            later_changed = (patched[later] != clean[later]).any(-1)[b]
+            assert not later_changed[:p].any() and later_changed[p:].all(), name
+
+
 def test_layout_selectors_match_the_inputs(family):
     name, model, prepared = family
     layout = prepared.layout
@@ -178,7 +215,10 @@ def test_generation_equals_the_wrapped_models(family):
     with torch.no_grad():
         reference = model.raw_model.generate(**prepared.kwargs, max_new_tokens=3, do_sample=False)
     assert torch.equal(generation.sequences, reference), name
-    assert generation.new_tokens.shape == (reference.shape[0], reference.shape[1] - prepared.kwargs["input_ids"].shape[1])
+    assert generation.new_tokens.shape == (
+        reference.shape[0],
+        reference.shape[1] - prepared.kwargs["input_ids"].shape[1],
+    )
 
 
 def test_one_name_for_stores_sae_configs_and_steering(family):
@@ -187,8 +227,10 @@ def test_one_name_for_stores_sae_configs_and_steering(family):
 
     name, model, _ = family
     assert model.name == checkpoint_name(model) == model_name(model) == model.adapter.name
-    assert model.name == (getattr(getattr(model.raw_model, "config", None), "name_or_path", "") or
-                          f"{model.adapter.family}:{type(model.raw_model).__name__}")
+    assert model.name == (
+        getattr(getattr(model.raw_model, "config", None), "name_or_path", "")
+        or f"{model.adapter.family}:{type(model.raw_model).__name__}"
+    )
 
 
 # ---- the contract itself ------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hooked_vlm.layout import InputLayout, Kind, Selector
+from hooked_vlm.layout import InputLayout, Selector
 from hooked_vlm.patching.attribution import gradient_patching
 from hooked_vlm.patching.planning import Hooks
 from hooked_vlm.patching.results import PatchingResult
@@ -88,9 +88,7 @@ def default_interpolation(model: Any, layout: InputLayout) -> dict[str, Selector
         if name in model.hook_dict and name.split(".")[0] in layout.towers:
             points[name] = "all"
     if "lm.hook_embed" in model.hook_dict:
-        points["lm.hook_embed"] = lambda lay: (
-            ~torch.isin(lay.towers["lm"].kind, torch.tensor((Kind.IMAGE, Kind.NEWLINE)))
-        )
+        points["lm.hook_embed"] = lambda lay: ~lay.image_token_mask
     return points
 
 

@@ -11,6 +11,7 @@ from hooked_vlm.testing.clip import clip_processor, clip_tokenizer, tiny_clip, t
 from hooked_vlm.testing.devices import alternating_device_map, dispatch
 from hooked_vlm.testing.images import half_and_half_image, sample_image
 from hooked_vlm.testing.inputs import real_size_inputs
+from hooked_vlm.testing.llava import tiny_llava, tiny_llava_next
 from hooked_vlm.testing.llava_onevision import tiny_llava_onevision
 from hooked_vlm.testing.meta import build, config_names, load_config, meta_model
 from hooked_vlm.testing.qwen2_5_vl import tiny_qwen2_5_vl
@@ -21,6 +22,8 @@ from hooked_vlm.testing.qwen3_vl import tiny_qwen3_vl, tiny_qwen3_vl_moe
 TINY_MODELS = {
     "clip": tiny_clip,
     "open_clip": tiny_open_clip,
+    "llava": tiny_llava,
+    "llava_next": tiny_llava_next,
     "llava_onevision": tiny_llava_onevision,
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
@@ -42,6 +45,8 @@ __all__ = [
     "real_size_inputs",
     "sample_image",
     "tiny_clip",
+    "tiny_llava",
+    "tiny_llava_next",
     "tiny_llava_onevision",
     "tiny_open_clip",
     "tiny_qwen2_5_vl",
