@@ -15,7 +15,7 @@ from hooked_vlm.utils import act_name
 ATOL = 1e-4
 #: every family, and open_clip with LayerScale (random scales) after every attention and MLP
 FACTORIES = {**TINY_MODELS, "open_clip_ls": partial(TINY_MODELS["open_clip"], ls_init_value=0.5)}
-FAMILIES = ["clip", "open_clip", "open_clip_ls", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["clip", "open_clip", "open_clip_ls", "llava_onevision", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 TWO_TOWERS = ("clip", "open_clip", "open_clip_ls")
 PROMPT = "What is in the picture?"
 
@@ -178,6 +178,8 @@ NORMED = {
     ("open_clip_ls", "vision"): ("vision.hook_out", 0),
     ("open_clip_ls", "text"): ("text.ln_final.hook_normalized", None),
     ("llava_onevision", "lm"): ("lm.ln_final.hook_normalized", None),
+    ("llava", "lm"): ("lm.ln_final.hook_normalized", None),
+    ("llava_next", "lm"): ("lm.ln_final.hook_normalized", None),
     ("qwen2_vl", "vision"): ("projector.ln.hook_normalized", None),
     ("qwen2_vl", "lm"): ("lm.ln_final.hook_normalized", None),
     ("qwen2_5_vl", "vision"): ("projector.ln.hook_normalized", None),
