@@ -19,7 +19,7 @@ import sys
 import torch
 from PIL import Image
 
-from hooked_vlm import HookedVLM
+from hooked_vlm import HookedVLM, Kind
 from hooked_vlm.cli import record_shapes
 from hooked_vlm.inputs import load_images
 from hooked_vlm.plotting import attention_map, flow_diagram, head_grid, patch_heatmap
@@ -43,11 +43,17 @@ def library_hidden_states(model: HookedVLM, pixel_values: torch.Tensor) -> tuple
         vision = getattr(raw, "vision_model", raw)  # CLIPVisionModel is the vision model itself
         out = vision(pixel_values=pixel_values, output_hidden_states=True)
         projection = getattr(raw, "visual_projection", None)
-        return list(out.hidden_states[1:]), projection(out.pooler_output) if projection is not None else None
+        if projection is not None:
+            return list(out.hidden_states[1:]), projection(out.pooler_output)
+        # SigLIP's image embedding is the pooled output itself (no projection)
+        return list(out.hidden_states[1:]), out.pooler_output if "hook_image_embeds" in model.hook_dict else None
 
 
-def model_view(image: Image.Image) -> Image.Image:
-    """The part of the image CLIP sees: both preprocessors resize the short side and keep the centre square."""
+def model_view(model: HookedVLM, image: Image.Image) -> Image.Image:
+    """The part of the image the model sees: CLIP's preprocessors resize the short side and keep the centre square;
+    others (SigLIP) resize the whole image."""
+    if not model.adapter.centre_crops_images:
+        return image
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return image.crop((left, top, left + side, top + side))
@@ -124,20 +130,30 @@ def main(argv: list[str] | None = None) -> int:
                    f"(worst relative error {max(errors):.1e} ≤ {tolerance:.0e})")
 
     # Heatmaps over the part of the image the model sees. The layout maps sequence positions to (row, col).
-    view = model_view(image)
+    view = model_view(model, image)
     last = len(resid_names) - 1
     pattern_names = model.hook_names("vision.blocks.*.attn.hook_pattern")
     with torch.no_grad():
         _, patterns = model.run_with_cache(prepared, names_filter=pattern_names)  # stops after the last block's pattern
     pattern = patterns[pattern_names[last]]  # [batch, head, query, key]
-    from_cls = pattern[:, :, 0, :].transpose(1, 2)  # CLS row: [batch, key, head]
+    title = f"CLS → patch attention, block {last}, mean over heads"
+    has_cls = bool((patterns.layout["vision"].kind[0] == Kind.CLS).any())
+    if not has_cls:  # SigLIP: the pooling head's probe is what summarises the image
+        with torch.no_grad():
+            _, probe = model.run_with_cache(prepared, names_filter="vision.head.attn.hook_pattern")
+        pattern, title = probe["vision.head.attn.hook_pattern"], "pooling probe → patch attention, mean over heads"
+    from_cls = pattern[:, :, 0, :].transpose(1, 2)  # CLS (or probe) row: [batch, key, head]
     cls_grid = patterns.layout.image_grid(pattern_names[last], from_cls).mean(-1)  # [rows, cols]
-    attention_map(view, cls_grid, out / "cls_attention.png", title=f"CLS → patch attention, block {last}, mean over heads")
+    attention_map(view, cls_grid, out / "cls_attention.png", title=title)
     patch_norms = cache.layout.image_grid(resid_names[last], cache[resid_names[last]]).norm(dim=-1)
     patch_heatmap(view, patch_norms, out / "patch_norm.png", title=f"‖resid_post‖ per patch, block {last}", label="L2 norm")
-    on_patches = patterns.layout.mask("patches", pattern_names[0])[0]  # [pos] bool
-    share = torch.stack([patterns[name][0, :, 0, on_patches].sum(-1) for name in pattern_names])  # [layer, head]
-    head_grid(share, out / "cls_attention_heads.png", title="share of CLS attention on patches", label="share")
+    if has_cls:
+        on_patches = patterns.layout.mask("patches", pattern_names[0])[0]  # [pos] bool
+        share = torch.stack([patterns[name][0, :, 0, on_patches].sum(-1) for name in pattern_names])  # [layer, head]
+        head_grid(share, out / "cls_attention_heads.png", title="share of CLS attention on patches", label="share")
+    else:  # every query is a patch: how peaked each head's attention is instead
+        peak = torch.stack([patterns[name][0].amax(-1).mean(-1) for name in pattern_names])  # [layer, head]
+        head_grid(peak, out / "cls_attention_heads.png", title="peak attention weight, mean over patches", label="weight")
     pngs = ["cls_attention.png", "patch_norm.png", "cls_attention_heads.png"]
     check(all((out / png).stat().st_size > 0 for png in pngs), f"heatmaps: {', '.join(str(out / png) for png in pngs)}")
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from hooked_vlm.decomposition import Tower, get_full_resid_decomposition, unembedding
 from hooked_vlm.readouts import ClipSimilarity, LogitDiff, Probe
+from hooked_vlm.taps import submodule
 
 
 @dataclass
@@ -134,6 +135,12 @@ def _on_embedding(model, cache, hook: str, w: Tensor, b: Tensor, normalize: bool
         w = w @ _image_projection(model).float().T.to(w.device)
     elif hook != "vision.hook_out":
         raise NotImplementedError(f"direct attribution of a readout on {hook!r}: supported are hook_image_embeds and vision.hook_out")
+    elif not isinstance(submodule(model.raw_model, model.hook_dict[hook].tap.module), nn.LayerNorm):
+        # e.g. SigLIP's attention-pooling head: the pooled feature is not a norm of one residual position
+        raise NotImplementedError(
+            f"direct attribution through {hook!r}: this {model.adapter.family} model's pooled feature is not a norm "
+            "of one residual position, so it is not linear in the residual stream's components"
+        )
     return _Linear("vision", 0, w, b.float().expand(batch), note)
 
 

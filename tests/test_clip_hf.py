@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from reference import direct_hooks
+from reference import block_references
 from transformers import CLIPModel
 
 from hooked_vlm import HookedVLM, HookShapeError, UnknownHookError
@@ -34,34 +34,6 @@ def inputs(clip):
     _, _, processor = clip
     images = [sample_image(seed=0), sample_image(seed=1, width=80, height=120)]
     return dict(processor(images=images, text=TEXTS, return_tensors="pt", padding=True))
-
-
-def block_references(raw, tower, root, n_layers, d_head, inputs):
-    spec = {}
-    for i in range(n_layers):
-        layer = f"{root}encoder.layers.{i}"
-        spec |= {
-            f"{i}.ln1": (f"{layer}.layer_norm1", "out"),
-            f"{i}.q": (f"{layer}.self_attn.q_proj", "out"),
-            f"{i}.k": (f"{layer}.self_attn.k_proj", "out"),
-            f"{i}.v": (f"{layer}.self_attn.v_proj", "out"),
-            f"{i}.z": (f"{layer}.self_attn.out_proj", "in"),
-            f"{i}.attn_out": (f"{layer}.self_attn", "out"),
-            f"{i}.mid": (f"{layer}.layer_norm2", "in"),
-            f"{i}.ln2": (f"{layer}.layer_norm2", "out"),
-            f"{i}.pre": (f"{layer}.mlp.fc1", "out"),
-            f"{i}.post": (f"{layer}.mlp.fc2", "in"),
-            f"{i}.mlp_out": (f"{layer}.mlp", "out"),
-        }
-    store, handles = direct_hooks(raw, spec)
-    try:
-        with torch.no_grad():
-            out = raw(**inputs, output_hidden_states=True)
-    finally:
-        for h in handles:
-            h.remove()
-    hidden = (out.vision_model_output if tower == "vision" else out.text_model_output).hidden_states
-    return store, hidden
 
 
 @pytest.mark.parametrize("tower", ["vision", "text"])

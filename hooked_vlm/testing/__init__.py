@@ -15,6 +15,7 @@ from hooked_vlm.testing.llava_onevision import tiny_llava_onevision
 from hooked_vlm.testing.meta import build, config_names, load_config, meta_model
 from hooked_vlm.testing.qwen2_5_vl import tiny_qwen2_5_vl
 from hooked_vlm.testing.qwen2_vl import tiny_qwen2_vl
+from hooked_vlm.testing.siglip import tiny_siglip, tiny_siglip2
 
 #: name → factory returning ``(model, processor)``; ``hooked-vlm inspect tiny:NAME`` and the examples use these.
 TINY_MODELS = {
@@ -23,6 +24,8 @@ TINY_MODELS = {
     "llava_onevision": tiny_llava_onevision,
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
+    "siglip": tiny_siglip,
+    "siglip2": tiny_siglip2,
 }
 
 __all__ = [
@@ -43,4 +46,6 @@ __all__ = [
     "tiny_open_clip",
     "tiny_qwen2_5_vl",
     "tiny_qwen2_vl",
+    "tiny_siglip",
+    "tiny_siglip2",
 ]
