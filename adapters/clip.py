@@ -117,7 +117,10 @@ class CLIPAdapter(HFAdapter):
             if isinstance(inputs, torch.Tensor):
                 model_kwargs |= self._pixel_inputs(inputs)
             elif inputs is not None:
-                processed = self.require_processor("images").image_processor(images=load_images(inputs), return_tensors="pt")
+                processor = self.require_processor("images")
+                # a checkpoint with no text ships a bare image processor (DINOv2's BitImageProcessor)
+                image_processor = getattr(processor, "image_processor", processor)
+                processed = image_processor(images=load_images(inputs), return_tensors="pt")
                 model_kwargs |= {key: processed[key] for key in self.image_keys}
             if text is not None:
                 texts = [text] if isinstance(text, str) else list(text)

@@ -102,12 +102,17 @@ class Tower:
         return submodule(self.model.raw_model, self.model.hook_dict[hook_name].tap.module)
 
     def out_proj(self, layer: int) -> tuple[Float[Tensor, "d_model hd"], Float[Tensor, " d_model"] | None]:
-        """``(weight, bias)`` of block ``layer``'s attention output projection (``W_O`` flattened, ``b_O``)."""
+        """``(weight, bias)`` of block ``layer``'s attention output projection (``W_O`` flattened, ``b_O``), with the
+        block's layer scale folded in where it has one (``λ W_O``, ``λ b_O``: what the residual stream receives)."""
         name = self.hook(layer, "attn.hook_result")
         if name not in self.model.hook_dict:
             raise KeyError(f"{name!r}: this tower has no per-head result hook, so no output projection is known")
         tap = self.model.hook_dict[name].tap
         module = submodule(self.model.raw_model, tap.module)
+        if isinstance(tap, HeadResultTap) and tap.scale is not None:
+            scale = self.model.raw_model.get_parameter(tap.scale)
+            bias = None if module.bias is None else module.bias * scale
+            return module.weight * scale[:, None], bias
         if not isinstance(tap, HeadResultTap):  # open_clip: the block, whose nn.MultiheadAttention owns out_proj
             ls = getattr(module, "ls_1", None)
             if ls is not None and not isinstance(ls, nn.Identity):

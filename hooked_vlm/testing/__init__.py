@@ -9,6 +9,7 @@ several devices with accelerate.
 
 from hooked_vlm.testing.clip import clip_processor, clip_tokenizer, tiny_clip, tiny_open_clip
 from hooked_vlm.testing.devices import alternating_device_map, dispatch
+from hooked_vlm.testing.dinov2 import tiny_dinov2, tiny_dinov2_with_registers
 from hooked_vlm.testing.images import half_and_half_image, sample_image
 from hooked_vlm.testing.inputs import real_size_inputs
 from hooked_vlm.testing.llava_onevision import tiny_llava_onevision
@@ -26,6 +27,8 @@ TINY_MODELS = {
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "siglip": tiny_siglip,
     "siglip2": tiny_siglip2,
+    "dinov2": tiny_dinov2,
+    "dinov2_with_registers": tiny_dinov2_with_registers,
 }
 
 __all__ = [
@@ -42,6 +45,8 @@ __all__ = [
     "real_size_inputs",
     "sample_image",
     "tiny_clip",
+    "tiny_dinov2",
+    "tiny_dinov2_with_registers",
     "tiny_llava_onevision",
     "tiny_open_clip",
     "tiny_qwen2_5_vl",
