@@ -146,10 +146,13 @@ class SiglipAdapter(CLIPAdapter):
         return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
 
     def _vision_layout(self, model_kwargs: dict[str, Any]) -> dict[str, TowerLayout]:
+        vision = self._patch_layout(model_kwargs)
+        return {"vision": vision, "head": probe_tower(vision.shape[0])} if self._has_head else {"vision": vision}
+
+    def _patch_layout(self, model_kwargs: dict[str, Any]) -> TowerLayout:
         pixels = model_kwargs["pixel_values"]
         patch = self._vision_config.patch_size
-        vision = grid_tower(pixels.shape[0], pixels.shape[-2] // patch, pixels.shape[-1] // patch, n_prefix=0)
-        return {"vision": vision, "head": probe_tower(pixels.shape[0])} if self._has_head else {"vision": vision}
+        return grid_tower(pixels.shape[0], pixels.shape[-2] // patch, pixels.shape[-1] // patch, n_prefix=0)
 
     def describe(self) -> dict[str, Any]:
         config = self._vision_config
@@ -193,7 +196,7 @@ class Siglip2Adapter(SiglipAdapter):
             "or the image processor's output as a dict"
         )
 
-    def _vision_layout(self, model_kwargs: dict[str, Any]) -> dict[str, TowerLayout]:
+    def _patch_layout(self, model_kwargs: dict[str, Any]) -> TowerLayout:
         missing = [key for key in self.image_keys if key not in model_kwargs]
         if missing:
             raise ValueError(f"SigLIP2 inputs lack {missing}: pass the image processor's whole output")
@@ -205,7 +208,7 @@ class Siglip2Adapter(SiglipAdapter):
                 "pixel_attention_mask does not mark the first rows × cols positions of each image (spatial_shapes "
                 f"{grids}) as its patches: the inputs do not come from one Siglip2 image processor call"
             )
-        return {"vision": vision, "head": probe_tower(pixels.shape[0])} if self._has_head else {"vision": vision}
+        return vision
 
     def example_inputs(self) -> None:
         # NaFlex's embeddings read the values of spatial_shapes, which a model on the meta device cannot

@@ -19,6 +19,17 @@ def direct_hooks(module, spec):
     return store, handles
 
 
+def forward_with_direct_hooks(module, spec, **inputs):
+    """``(store, output)``: one no-grad forward of ``module`` on ``inputs`` with :func:`direct_hooks` of ``spec``."""
+    store, handles = direct_hooks(module, spec)
+    try:
+        with torch.no_grad():
+            return store, module(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def block_references(raw, tower, root, n_layers, d_head, inputs):
     """Every sublayer boundary of the CLIP-style encoder layers (CLIP, SigLIP) of ``tower``, from direct hooks, and
     HF's ``output_hidden_states`` of that tower, from one forward of the two-tower model on ``inputs``."""
@@ -38,12 +49,27 @@ def block_references(raw, tower, root, n_layers, d_head, inputs):
             f"{i}.post": (f"{layer}.mlp.fc2", "in"),
             f"{i}.mlp_out": (f"{layer}.mlp", "out"),
         }
-    store, handles = direct_hooks(raw, spec)
-    try:
-        with torch.no_grad():
-            out = raw(**inputs, output_hidden_states=True)
-    finally:
-        for h in handles:
-            h.remove()
+    store, out = forward_with_direct_hooks(raw, spec, **inputs, output_hidden_states=True)
     hidden = (out.vision_model_output if tower == "vision" else out.text_model_output).hidden_states
     return store, hidden
+
+
+def expected_block_hooks(store, hidden, attentions, i, heads):
+    """The reference of every canonical hook of CLIP-style block ``i``, from :func:`block_references` and HF's eager
+    attentions; ``heads`` splits ``[..., head · d_head]`` into heads."""
+    return {
+        "hook_resid_pre": hidden[i],
+        "ln1.hook_normalized": store[f"{i}.ln1"],
+        "attn.hook_q": heads(store[f"{i}.q"]),
+        "attn.hook_k": heads(store[f"{i}.k"]),
+        "attn.hook_v": heads(store[f"{i}.v"]),
+        "attn.hook_pattern": attentions[i],
+        "attn.hook_z": heads(store[f"{i}.z"]),
+        "hook_attn_out": store[f"{i}.attn_out"],
+        "hook_resid_mid": store[f"{i}.mid"],
+        "ln2.hook_normalized": store[f"{i}.ln2"],
+        "mlp.hook_pre": store[f"{i}.pre"],
+        "mlp.hook_post": store[f"{i}.post"],
+        "hook_mlp_out": store[f"{i}.mlp_out"],
+        "hook_resid_post": hidden[i + 1],
+    }

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from reference import direct_hooks
+from reference import forward_with_direct_hooks
 
 from hooked_vlm import HookedVLM, Kind
 from hooked_vlm.testing import meta_model, sample_image, tiny_dinov2
@@ -46,13 +46,7 @@ def _references(raw, n_layers, swiglu, inputs):
         }
         if swiglu:
             spec[f"{i}.up"] = (f"{layer}.mlp.up_proj", "out")
-    store, handles = direct_hooks(raw, spec)
-    try:
-        with torch.no_grad():
-            out = raw(**inputs, output_hidden_states=True)
-    finally:
-        for h in handles:
-            h.remove()
+    store, out = forward_with_direct_hooks(raw, spec, **inputs, output_hidden_states=True)
     return store, out
 
 

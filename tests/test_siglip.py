@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from reference import block_references, direct_hooks
+from reference import block_references, expected_block_hooks, forward_with_direct_hooks
 
 from hooked_vlm import HookedVLM, Kind
 from hooked_vlm.testing import meta_model, sample_image
@@ -47,22 +47,7 @@ def test_every_block_hook_matches_hf(siglip, tower):
     heads = lambda t: t.unflatten(-1, (info.n_heads, info.d_head))  # noqa: E731
     for i in range(info.n_layers):
         p = f"{tower}.blocks.{i}."
-        expected = {
-            "hook_resid_pre": hidden[i],
-            "ln1.hook_normalized": store[f"{i}.ln1"],
-            "attn.hook_q": heads(store[f"{i}.q"]),
-            "attn.hook_k": heads(store[f"{i}.k"]),
-            "attn.hook_v": heads(store[f"{i}.v"]),
-            "attn.hook_pattern": attentions[i],
-            "attn.hook_z": heads(store[f"{i}.z"]),
-            "hook_attn_out": store[f"{i}.attn_out"],
-            "hook_resid_mid": store[f"{i}.mid"],
-            "ln2.hook_normalized": store[f"{i}.ln2"],
-            "mlp.hook_pre": store[f"{i}.pre"],
-            "mlp.hook_post": store[f"{i}.post"],
-            "hook_mlp_out": store[f"{i}.mlp_out"],
-            "hook_resid_post": hidden[i + 1],
-        }
+        expected = expected_block_hooks(store, hidden, attentions, i, heads)
         for name, reference in expected.items():
             torch.testing.assert_close(cache[p + name], reference, atol=TOL, rtol=0, msg=f"{family} {p}{name}")
         torch.testing.assert_close(cache[p + "attn.hook_attn_scores"].softmax(-1), attentions[i], atol=TOL, rtol=0)
@@ -86,19 +71,14 @@ def test_padding_is_masked_in_every_pattern(siglip):
 def test_pooling_head_hooks_match_torch_and_hf(siglip):
     family, model, raw, _, inputs = siglip
     head = raw.vision_model.head
-    store, handles = direct_hooks(raw, {
+    spec = {
         "attn_out": ("vision_model.head.attention", "out"),
         "ln": ("vision_model.head.layernorm", "out"),
         "pre": ("vision_model.head.mlp.fc1", "out"),
         "post": ("vision_model.head.mlp.fc2", "in"),
         "mlp_out": ("vision_model.head.mlp", "out"),
-    })  # fmt: skip
-    try:
-        with torch.no_grad():
-            out = raw(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    }  # fmt: skip
+    store, out = forward_with_direct_hooks(raw, spec, **inputs)
     with torch.no_grad():
         _, cache = model.run_with_cache(inputs, names_filter=lambda n: "blocks" not in n and not n.startswith("hf."),
                                         stop_early=False)  # fmt: skip

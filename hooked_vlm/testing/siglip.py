@@ -95,29 +95,27 @@ def _text_config(tokenizer, projection: int) -> dict:
     )  # fmt: skip
 
 
-def tiny_siglip(kind: str = "SiglipModel", seed: int = 0, attn_implementation: str = "sdpa"):
-    """A tiny random ``SiglipModel`` / ``SiglipVisionModel`` (4 × 4 patches, attention-pooling head) and its processor."""
+def _tiny(config_class, two_towers: str, kind: str, processor, vision: dict, seed: int, attn_implementation: str):
     import transformers
-    from transformers import SiglipConfig
 
-    processor = siglip_processor()
-    vision = dict(_tower_sizes(32), image_size=TINY_SIGLIP_IMAGE_SIZE, patch_size=TINY_SIGLIP_PATCH)
-    config = SiglipConfig(text_config=_text_config(processor.tokenizer, 32), vision_config=vision)
-    if kind != "SiglipModel":
+    config = config_class(text_config=_text_config(processor.tokenizer, 32), vision_config=vision)
+    if kind != two_towers:
         config = config.vision_config
     config._attn_implementation = attn_implementation
     return _init(getattr(transformers, kind)(config), seed), processor
+
+
+def tiny_siglip(kind: str = "SiglipModel", seed: int = 0, attn_implementation: str = "sdpa"):
+    """A tiny random ``SiglipModel`` / ``SiglipVisionModel`` (4 × 4 patches, attention-pooling head) and its processor."""
+    from transformers import SiglipConfig
+
+    vision = dict(_tower_sizes(32), image_size=TINY_SIGLIP_IMAGE_SIZE, patch_size=TINY_SIGLIP_PATCH)
+    return _tiny(SiglipConfig, "SiglipModel", kind, siglip_processor(), vision, seed, attn_implementation)
 
 
 def tiny_siglip2(kind: str = "Siglip2Model", seed: int = 0, attn_implementation: str = "sdpa"):
     """A tiny random ``Siglip2Model`` / ``Siglip2VisionModel`` (NaFlex, at most 24 patches) and its processor."""
-    import transformers
     from transformers import Siglip2Config
 
-    processor = siglip2_processor()
     vision = dict(_tower_sizes(32), patch_size=TINY_SIGLIP2_PATCH, num_patches=TINY_SIGLIP2_POSITIONS)
-    config = Siglip2Config(text_config=_text_config(processor.tokenizer, 32), vision_config=vision)
-    if kind != "Siglip2Model":
-        config = config.vision_config
-    config._attn_implementation = attn_implementation
-    return _init(getattr(transformers, kind)(config), seed), processor
+    return _tiny(Siglip2Config, "Siglip2Model", kind, siglip2_processor(), vision, seed, attn_implementation)
