@@ -12,9 +12,9 @@ import torch
 
 from hooked_vlm import HookedVLM, attention
 from hooked_vlm.taps import ConcurrentRunError, HookDtypeError, HookShapeError, InputTap, OutputTap, ResidualSumTap, Run, install_taps, remove_all
+from hooked_vlm.report import default_text
 from hooked_vlm.testing import TINY_MODELS, config_names, meta_model, sample_image
 
-VLMS = {"llava_onevision", "qwen2_vl", "qwen2_5_vl"}
 
 
 @functools.cache
@@ -24,8 +24,8 @@ def tiny(family: str) -> HookedVLM:
 
 def run_kwargs(family: str) -> dict:
     image = sample_image(64, 64, seed=3)
-    # CLIPs get a caption too, so that the text tower's boundaries run
-    return {"inputs": image, "prompt": "Describe it."} if family in VLMS else {"inputs": image, "text": ["a photo"]}
+    # two-tower models get a caption too, so that the text tower's boundaries run; vision towers alone get none
+    return {"inputs": image, **default_text(tiny(family), prompt="Describe it.", caption="a photo")}
 
 
 def shared_boundaries(model: HookedVLM) -> dict[tuple[str, str], list[str]]:
