@@ -282,10 +282,12 @@ def attribute(cache, readout: Any, output: Any = None, *, unit: int | None = Non
     return result
 
 
-def attribution_names(tower: str, by_source: bool = True) -> list[str]:
-    """Glob patterns of every hook :func:`attribute` reads in ``tower`` (plus the readout's own hooks)."""
+def attribution_names(tower: str, by_source: bool = True, model: Any = None) -> list[str]:
+    """Glob patterns of every hook :func:`attribute` reads in ``tower`` (plus the readout's own hooks); with
+    ``model``, only the readout hooks it has (a vision tower alone, DINOv2, has no ``hook_image_embeds``)."""
     leaves = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "attn.hook_result"]
     if by_source:
         leaves += ["attn.hook_pattern", "attn.hook_v"]
     names = [f"{tower}.blocks.*.{leaf}" for leaf in leaves]
-    return names + ({"vision": ["vision.hook_out", "hook_image_embeds"], "lm": ["lm.ln_final.hook_normalized"]}.get(tower, []))
+    readouts = {"vision": ["vision.hook_out", "hook_image_embeds"], "lm": ["lm.ln_final.hook_normalized"]}.get(tower, [])
+    return names + [name for name in readouts if model is None or name in model.hook_dict]

@@ -260,9 +260,19 @@ def test_direct_attribution_of_a_probe_on_the_pooled_cls(dino):
     torch.manual_seed(0)
     probe = Probe("vision.hook_out", nn.Linear(32, 1))
     with torch.no_grad():
-        names = [n for n in attribution_names("vision") if n != "hook_image_embeds"]  # no projection in DINOv2
+        names = attribution_names("vision", model=model)  # DINOv2 has no hook_image_embeds
         output, cache = model.run_with_cache(inputs, names_filter=names, stop_early=False)
         a = attribute(cache, probe, output)
         value = probe(output, cache).float()
     torch.testing.assert_close(a.value, value, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.values.sum(0), a.value - a.bias, atol=1e-4, rtol=0)
+
+
+def test_grid_tower_puts_registers_between_cls_and_patches():
+    from hooked_vlm.layout import grid_tower
+
+    tower = grid_tower(1, 2, 3, n_prefix=3, n_registers=2)
+    assert tower.kind[0].tolist() == [Kind.CLS, Kind.REGISTER, Kind.REGISTER] + [Kind.PATCH] * 6
+    assert tower.row[0, 3:].tolist() == [0, 0, 0, 1, 1, 1] and tower.col[0, 3:].tolist() == [0, 1, 2, 0, 1, 2]
+    with pytest.raises(ValueError, match="need a CLS token"):
+        grid_tower(1, 2, 2, n_prefix=1, n_registers=1)

@@ -304,3 +304,13 @@ def test_direct_attribution_through_the_pooling_head_is_refused(siglip):
         attribute(cache, probe, output)
     with pytest.raises(ValueError, match="no image projection"):
         attribute(cache, ClipSimilarity.from_texts(model, TEXTS, target=0), output)
+
+
+def test_padded_grids_tower():
+    from hooked_vlm.layout import padded_grids_tower
+
+    tower = padded_grids_tower([(2, 3), (1, 2)], 6)
+    assert tower.kind.tolist() == [[Kind.PATCH] * 6, [Kind.PATCH] * 2 + [Kind.PAD] * 4]
+    assert tower.col[1].tolist() == [0, 1, -1, -1, -1, -1] and tower.image[1].tolist() == [1, 1, -1, -1, -1, -1]
+    with pytest.raises(ValueError, match="does not fit"):
+        padded_grids_tower([(3, 3)], 8)
