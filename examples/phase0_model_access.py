@@ -28,7 +28,7 @@ from hooked_vlm.testing import sample_image
 from common import Checklist, load, parser
 
 
-def library_hidden_states(model: HookedVLM, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def library_hidden_states(model: HookedVLM, inputs: dict) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Every vision block's output and the image embedding, as the wrapped library computes them itself.
 
     The reference the hook test compares against: open_clip's ``forward_intermediates``, or Hugging Face's
@@ -37,11 +37,12 @@ def library_hidden_states(model: HookedVLM, pixel_values: torch.Tensor) -> tuple
     raw = model.raw_model
     with torch.no_grad():
         if hasattr(raw, "visual"):  # open_clip
-            out = raw.visual.forward_intermediates(pixel_values, output_fmt="NLC", output_extra_tokens=True)
+            out = raw.visual.forward_intermediates(inputs["pixel_values"], output_fmt="NLC", output_extra_tokens=True)
             prefixes, patches = out["image_intermediates_prefix"], out["image_intermediates"]
             return [torch.cat(parts, dim=1) for parts in zip(prefixes, patches, strict=True)], out["image_features"]
         vision = getattr(raw, "vision_model", raw)  # CLIPVisionModel is the vision model itself
-        out = vision(pixel_values=pixel_values, output_hidden_states=True)
+        image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}  # SigLIP2: + mask, shapes
+        out = vision(**image_inputs, output_hidden_states=True)
         projection = getattr(raw, "visual_projection", None)
         if projection is not None:
             return list(out.hidden_states[1:]), projection(out.pooler_output)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     embeds_name = "hook_image_embeds" if "hook_image_embeds" in names else None
     with torch.no_grad():
         _, cache = model.run_with_cache(prepared, names_filter=[*resid_names, *([embeds_name] if embeds_name else [])])
-    reference_blocks, reference_embeds = library_hidden_states(model, prepared.kwargs["pixel_values"])
+    reference_blocks, reference_embeds = library_hidden_states(model, prepared.kwargs)
     errors = [relative_error(cache[name], ref) for name, ref in zip(resid_names, reference_blocks, strict=True)]
     for name, error in zip(resid_names, errors, strict=True):
         print(f"  {name}: max |cache − library| / max |library| = {error:.1e}")
