@@ -6,9 +6,9 @@ Module tree (transformers 5.x) and where the canonical hooks sit::
                                 to the input's grid                               → vision.hook_embed [batch, 1 (+ r) + patches, d]
     encoder.layer.{i}           Dinov2Layer:
         norm1                                                                     → ln1.hook_normalized
-        attention.{q,k,v}_proj, attention function, attention.o_proj             → attn.hook_q/k/v, scores, pattern, z
-        layer_scale1            x · λ₁ (a learned [d] vector)                     → attn.hook_result (per head, × λ₁),
-                                                                                    hook_attn_out, hook_resid_mid
+        attention.{q,k,v}_proj, attention function, attention.o_proj             → attn.hook_q/k/v, scores, pattern, z,
+                                                                                    hook_result (z · W_O per head)
+        layer_scale1            x · λ₁ (a learned [d] vector)                     → hook_attn_out, hook_resid_mid
         norm2                                                                     → ln2.hook_normalized
         mlp.{fc1, fc2}          (giant: SwiGLU gate_proj, up_proj, down_proj)     → mlp.hook_pre (/ hook_pre_linear) / hook_post
         layer_scale2            x · λ₂                                            → hook_mlp_out
@@ -17,10 +17,10 @@ Module tree (transformers 5.x) and where the canonical hooks sit::
                                 its CLS row (pooler_output)                       → vision.hook_out [batch, d]
 
 Layer scale sits between each branch and the residual addition, so ``hook_attn_out`` and ``hook_mlp_out`` are the
-layer scales' outputs (what the block adds; ``hook_resid_mid = resid_pre + attn_out`` exactly), and
-``attn.hook_result`` is each head's write *after* λ₁: ``λ₁ · z[head] @ W_O[head]``, so the heads sum (with
-``λ₁ · b_O``) to ``hook_attn_out`` and the full residual decomposition sums to the final residual. The raw
-projection output, before λ₁, is ``hf.encoder.layer.{i}.attention.o_proj.hook_out``.
+layer scales' outputs (what the block adds; ``hook_resid_mid = resid_pre + attn_out`` exactly). ``attn.hook_result``
+is, as in every family, ``z[head] @ W_O[head]`` at the output projection, *before* λ₁ (the heads plus ``b_O`` sum to
+``o_proj``'s output, ``hf.encoder.layer.{i}.attention.o_proj.hook_out``); :meth:`attn_layer_scale` gives λ₁ and the
+decompositions fold it into each head's write, so they sum to the final residual.
 
 Layout: position 0 is the CLS token (``"cls"``), the registers follow it (``"registers"``; Dinov2WithRegisters,
 ``num_register_tokens`` of them), then the patch grid row-major (``"patches"``).
@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from hooked_vlm.adapters.clip import CLIPAdapter
+from torch import Tensor
 from transformers import Dinov2Model, Dinov2WithRegistersModel
 
 from hooked_vlm.adapter import BlockPaths, Prepared, TowerInfo, block_hooks, register_adapter
@@ -39,12 +40,12 @@ from hooked_vlm.taps import OutputTap, SelectToken, Tap
 
 DINOV2_BLOCK = BlockPaths(
     ln1="norm1", attn="attention", ln2="norm2", mlp="mlp", o="o_proj",
-    attn_scale="layer_scale1.lambda1", mlp_scale="layer_scale2.lambda1",
+    attn_scale="layer_scale1", mlp_scale="layer_scale2",
 )  # fmt: skip
 #: the giant checkpoints' SwiGLU MLP (``use_swiglu_ffn``)
 DINOV2_SWIGLU_BLOCK = BlockPaths(
     ln1="norm1", attn="attention", ln2="norm2", mlp="mlp", o="o_proj", mlp_in="gate_proj", mlp_up="up_proj",
-    mlp_out="down_proj", attn_scale="layer_scale1.lambda1", mlp_scale="layer_scale2.lambda1",
+    mlp_out="down_proj", attn_scale="layer_scale1", mlp_scale="layer_scale2",
 )  # fmt: skip
 
 
@@ -90,13 +91,14 @@ class Dinov2Adapter(CLIPAdapter):
         paths = DINOV2_SWIGLU_BLOCK if self.model.config.use_swiglu_ffn else DINOV2_BLOCK
         hooks: dict[str, Tap] = {"vision.hook_embed": OutputTap("embeddings")}
         for i in range(vision.n_layers):
-            hooks |= block_hooks(
-                f"vision.blocks.{i}", f"encoder.layer.{i}", paths, vision.d_head, n_heads=vision.n_heads
-            )
+            hooks |= block_hooks(f"vision.blocks.{i}", f"encoder.layer.{i}", paths, vision.d_head)
         return hooks | {
             "vision.ln_final.hook_normalized": OutputTap("layernorm"),
             "vision.hook_out": OutputTap("layernorm", view=SelectToken(0)),  # pooler_output: the normed CLS token
         }
+
+    def attn_layer_scale(self, tower: str, layer: int) -> Tensor:
+        return self.model.encoder.layer[layer].layer_scale1.lambda1
 
     def prepare(self, inputs: Any, *, text: Any = None, prompt: Any = None, **kwargs) -> Prepared:
         if text is not None or prompt is not None:
@@ -123,7 +125,7 @@ class Dinov2Adapter(CLIPAdapter):
             "vision tokens": f"1 CLS{registers} + a rows × cols patch grid ({grid}×{grid} = {grid * grid} at "
             f"{config.image_size} px, {at_224}×{at_224} at 224 px)",
             "layer scale": f"λ₁, λ₂ ([d] vectors, init {config.layerscale_value}) scale each branch before the "
-            "residual addition: hook_attn_out / hook_mlp_out and attn.hook_result include them",
+            "residual addition: hook_attn_out / hook_mlp_out include them, attn.hook_result (z · W_O) does not",
             "pooling": "CLS row of the final layernorm (vision.hook_out = pooler_output); patch features are "
             "vision.ln_final.hook_normalized",
             "projection": "none (a self-supervised encoder: no text tower, no projection head)",

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from hooked_vlm.attention import AttentionFunctionTap
-from hooked_vlm.head_results import HeadResultTap
 from hooked_vlm.layout import InputLayout
 from hooked_vlm.taps import InputTap, OutputTap, ResidualSumTap, SplitHeads, Tap
 
@@ -234,6 +233,12 @@ class Adapter(abc.ABC):
             f"{self.family}: no block list for the {tower!r} tower (towers: {[t.name for t in self.towers()]})"
         )
 
+    def attn_layer_scale(self, tower: str, layer: int) -> torch.Tensor | None:
+        """``[d_model]``: the per-channel scale (LayerScale) block ``layer`` of ``tower`` applies to its attention
+        output before adding it to the residual stream, or None. Decompositions fold it into each head's write
+        (``attn.hook_result`` itself is ``z @ W_O`` per head, before the scale)."""
+        return None
+
     def example_inputs(self) -> dict[str, Any] | None:
         """Processor-style inputs of the checkpoint's real sizes, built from the config alone, or ``None``.
 
@@ -348,9 +353,9 @@ class BlockPaths:
     mlp_in: str = "fc1"  # gate projection for gated MLPs
     mlp_up: str | None = None  # up projection of gated MLPs
     mlp_out: str = "fc2"
-    #: layer scale (DINOv2, CaiT): the ``[d]`` parameter, relative to the block, that multiplies the attention /
-    #: MLP output before the block adds it to the residual stream; its module's output is then ``hook_attn_out`` /
-    #: ``hook_mlp_out``, and ``attn.hook_result`` includes the scale (each head's write as the residual receives it)
+    #: layer scale (DINOv2): the module, relative to the block, that multiplies the attention / MLP output by a
+    #: learned ``[d]`` vector before the block adds it to the residual stream; its output is then ``hook_attn_out`` /
+    #: ``hook_mlp_out`` (what the block adds). The adapter's :meth:`Adapter.attn_layer_scale` returns the vector.
     attn_scale: str | None = None
     mlp_scale: str | None = None
 
@@ -363,15 +368,12 @@ def block_hooks(
     rotary: bool = False,
     attention_function: bool = True,
     attention_repeats: bool = False,
-    n_heads: int | None = None,
 ) -> dict[str, Tap]:
-    """The canonical per-block hook set (doc/hook_reference.md) of ``prefix`` (e.g. ``vision.blocks.3``) for the block
-    at ``block``. Blocks with layer scale (``paths.attn_scale``) get their ``attn.hook_result`` here (``n_heads``
-    needed); others get it from :func:`~hooked_vlm.head_results.with_head_results`."""
+    """The canonical per-block hook set (doc/hook_reference.md) of ``prefix`` (e.g. ``vision.blocks.3``) for the block at ``block``."""
     attn = f"{block}.{paths.attn}"
     mlp = f"{block}.{paths.mlp}"
-    attn_branch = attn if paths.attn_scale is None else f"{block}.{paths.attn_scale.rpartition('.')[0]}"
-    mlp_branch = mlp if paths.mlp_scale is None else f"{block}.{paths.mlp_scale.rpartition('.')[0]}"
+    attn_branch = attn if paths.attn_scale is None else f"{block}.{paths.attn_scale}"
+    mlp_branch = mlp if paths.mlp_scale is None else f"{block}.{paths.mlp_scale}"
     heads = SplitHeads(d_head)
     hooks: dict[str, Tap] = {
         f"{prefix}.hook_resid_pre": InputTap(block),
@@ -387,11 +389,6 @@ def block_hooks(
             name = {"scores": "hook_attn_scores", "pattern": "hook_pattern"}.get(kind, f"hook_{kind}")
             hooks[f"{prefix}.attn.{name}"] = AttentionFunctionTap(attn, kind=kind, fires_repeatedly=attention_repeats)
     hooks[f"{prefix}.attn.hook_z"] = InputTap(f"{attn}.{paths.o}", view=heads)
-    if paths.attn_scale is not None:
-        if n_heads is None:
-            raise TypeError("block_hooks: a block with layer scale needs n_heads for its attn.hook_result")
-        scale = f"{block}.{paths.attn_scale}"
-        hooks[f"{prefix}.attn.hook_result"] = HeadResultTap(f"{attn}.{paths.o}", n_heads=n_heads, scale=scale)
     hooks[f"{prefix}.hook_attn_out"] = OutputTap(attn_branch)
     hooks[f"{prefix}.hook_resid_mid"] = ResidualSumTap(attn_branch, block=block)
     hooks[f"{prefix}.ln2.hook_normalized"] = OutputTap(f"{block}.{paths.ln2}")

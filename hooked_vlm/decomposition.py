@@ -102,29 +102,33 @@ class Tower:
         return submodule(self.model.raw_model, self.model.hook_dict[hook_name].tap.module)
 
     def out_proj(self, layer: int) -> tuple[Float[Tensor, "d_model hd"], Float[Tensor, " d_model"] | None]:
-        """``(weight, bias)`` of block ``layer``'s attention output projection (``W_O`` flattened, ``b_O``), with the
-        block's layer scale folded in where it has one (``λ W_O``, ``λ b_O``: what the residual stream receives)."""
+        """``(weight, bias)`` of block ``layer``'s attention output into the residual stream (``W_O`` flattened,
+        ``b_O``), with the block's layer scale (if any) folded in, so each head's part is what the block adds."""
         name = self.hook(layer, "attn.hook_result")
         if name not in self.model.hook_dict:
             raise KeyError(f"{name!r}: this tower has no per-head result hook, so no output projection is known")
         tap = self.model.hook_dict[name].tap
         module = submodule(self.model.raw_model, tap.module)
-        if isinstance(tap, HeadResultTap) and tap.scale is not None:
-            scale = self.model.raw_model.get_parameter(tap.scale)
-            bias = None if module.bias is None else module.bias * scale
-            return module.weight * scale[:, None], bias
         if not isinstance(tap, HeadResultTap):  # open_clip: the block, whose nn.MultiheadAttention owns out_proj
             ls = getattr(module, "ls_1", None)
             if ls is not None and not isinstance(ls, nn.Identity):
                 raise NotImplementedError(f"{tap.module}: layer scale after attention is not folded into W_O here")
             module = module.attn.out_proj
-        return module.weight, module.bias
+        weight, bias = module.weight, module.bias
+        scale = self.layer_scale(layer)
+        if scale is not None:
+            weight, bias = scale[:, None] * weight, None if bias is None else scale * bias
+        return weight, bias
+
+    def layer_scale(self, layer: int) -> Float[Tensor, " d_model"] | None:
+        return self.model.adapter.attn_layer_scale(self.name, layer)
 
     def head_results(self, cache: ActivationCache, layer: int) -> Float[Tensor, "batch pos head d_model"]:
         """``attn.hook_result`` of ``layer`` from the cache, or computed from a cached ``attn.hook_z``."""
         name = self.hook(layer, "attn.hook_result")
         if name in cache.cache_dict:
-            return cache.cache_dict[name]
+            result, scale = cache.cache_dict[name], self.layer_scale(layer)
+            return result if scale is None else result * scale.to(result.device, result.dtype)
         z_name = self.hook(layer, "attn.hook_z")
         if z_name not in cache.cache_dict:
             raise KeyError(f"neither {name!r} nor {z_name!r} is cached: cache '{self.name}.blocks.*.attn.hook_result'")

@@ -45,20 +45,11 @@ def heads_view_of_outer(view: View) -> View | None:
 
 @dataclass(frozen=True)
 class HeadResultTap(Tap):
-    """Per-head results of the Linear at ``module`` (the attention's output projection), split in ``n_heads``.
-
-    With ``scale`` (the path of a layer-scale vector ``λ`` that multiplies the projection's output before the
-    residual addition, DINOv2's ``layer_scale1.lambda1``), the result is ``λ · z[head] @ W_O[head]``, read at the
-    layer scale's output: what each head adds to the residual stream. An edit then replaces the layer scale's
-    output by ``result.sum(head) + λ · bias``.
-    """
+    """Per-head results of the Linear at ``module`` (the attention's output projection), split in ``n_heads``."""
 
     n_heads: int = 0
-    scale: str | None = None
 
     def install(self, root, hp, run):
-        if self.scale is not None:
-            return self._install_scaled(root, hp, run)
         view, n_heads = self.view, self.n_heads
 
         def hook(module: nn.Linear, args, output):
@@ -77,34 +68,7 @@ class HeadResultTap(Tap):
 
         return [submodule(root, self.module).register_forward_hook(hook, prepend=True)]
 
-    def _install_scaled(self, root, hp, run):
-        view, n_heads = self.view, self.n_heads
-        projection = submodule(root, self.module)
-        scale_module, _, scale_name = self.scale.rpartition(".")
-        stash: dict[str, Tensor] = {}
-
-        def remember_z(module, args, output):
-            stash["z"] = args[0]  # after any hook_z edit
-
-        def hook(module, args, output):
-            z = stash.pop("z").unflatten(-1, (n_heads, -1))
-            scale = getattr(module, scale_name)
-            result = per_head_results(z, projection.weight) * scale.to(z.dtype)
-            h = view.to_hook(result)
-            new = run.fire(hp, h)
-            if new is h:
-                return None
-            summed = view.from_hook(result, new).sum(-2)
-            return summed if projection.bias is None else summed + projection.bias * scale
-
-        return [
-            projection.register_forward_hook(remember_z, prepend=True),
-            submodule(root, scale_module).register_forward_hook(hook, prepend=True),
-        ]
-
     def describe(self) -> str:
-        if self.scale is not None:
-            return f"{self.module} → z · W_O per head, × {self.scale} (the layer scale's output)"
         return f"{self.module} → z · W_O per head (input × weight)"
 
 

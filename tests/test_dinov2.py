@@ -95,7 +95,8 @@ def test_every_block_hook_matches_hf(dino):
     torch.testing.assert_close(cache["vision.hook_out"], out.pooler_output, atol=TOL, rtol=0)
 
 
-def test_head_results_are_each_heads_write_after_the_layer_scale(dino):
+def test_head_results_are_z_times_w_o_and_the_decomposition_scales_them(dino):
+    """attn.hook_result is z[head] @ W_O[head] before λ₁, as in every family; the adapter's attn_layer_scale is λ₁."""
     _, model, raw, _, inputs = dino
     (info,) = model.adapter.towers()
     with torch.no_grad():
@@ -104,10 +105,15 @@ def test_head_results_are_each_heads_write_after_the_layer_scale(dino):
     z, result = cache["vision.blocks.1.attn.hook_z"], cache["vision.blocks.1.attn.hook_result"]
     for head in range(info.n_heads):
         cols = slice(head * info.d_head, (head + 1) * info.d_head)
-        by_hand = (z[:, :, head] @ layer.attention.o_proj.weight[:, cols].T) * layer.layer_scale1.lambda1
+        by_hand = z[:, :, head] @ layer.attention.o_proj.weight[:, cols].T
         torch.testing.assert_close(result[:, :, head], by_hand, atol=TOL, rtol=0)
-    bias = layer.attention.o_proj.bias * layer.layer_scale1.lambda1
-    torch.testing.assert_close(result.sum(-2) + bias, cache["vision.blocks.1.hook_attn_out"], atol=TOL, rtol=0)
+    scale = model.adapter.attn_layer_scale("vision", 1)
+    assert scale is layer.layer_scale1.lambda1
+    projected = result.sum(-2) + layer.attention.o_proj.bias
+    torch.testing.assert_close(projected * scale, cache["vision.blocks.1.hook_attn_out"], atol=TOL, rtol=0)
+    from hooked_vlm.decomposition import Tower
+
+    torch.testing.assert_close(Tower(model, "vision").head_results(cache, 1), result * scale, atol=0, rtol=0)
 
     def double_head_1(x, hook):
         x = x.clone()
