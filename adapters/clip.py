@@ -15,6 +15,7 @@ pattern request switches only that layer away from sdpa, for that run.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -31,7 +32,7 @@ from hooked_vlm.inputs import (
     pixel_tensor,
     to_model,
 )
-from hooked_vlm.layout import InputLayout, grid_tower, text_tower
+from hooked_vlm.layout import InputLayout, TowerLayout, grid_tower, text_tower
 from hooked_vlm.taps import OutputTap, Tap
 
 CLIP_BLOCK = BlockPaths(ln1="layer_norm1", attn="self_attn", ln2="layer_norm2", mlp="mlp")
@@ -50,9 +51,19 @@ class CLIPAdapter(HFAdapter):
     centre_crops_images = True  # CLIPImageProcessor resizes the short side and centre-crops a square
 
     # ---- structure --------------------------------------------------------------------------------------------------
+    #: the text tower's projection (its output is ``hook_text_embeds``)
+    text_projection = "text_projection"
+    #: the processor outputs the vision tower takes
+    image_keys: tuple[str, ...] = ("pixel_values",)
+
     @property
     def _vision_root(self) -> str:
-        return "" if isinstance(self.model, CLIPVisionModel) else "vision_model."
+        # the vision-only classes of transformers 5.x are flattened: their modules sit on the model itself
+        return "vision_model." if hasattr(self.model, "vision_model") else ""
+
+    @property
+    def _two_towers(self) -> bool:
+        return hasattr(self.model, "text_model")
 
     @property
     def _vision_config(self):
@@ -62,7 +73,7 @@ class CLIPAdapter(HFAdapter):
     def towers(self) -> list[TowerInfo]:
         towers = []
         configs = [("vision", self._vision_config)]
-        if isinstance(self.model, CLIPModel):
+        if self._two_towers:
             configs.append(("text", self.model.config.text_config))
         for name, config in configs:
             d_head = config.hidden_size // config.num_attention_heads
@@ -79,23 +90,27 @@ class CLIPAdapter(HFAdapter):
         return towers
 
     def hook_map(self) -> dict[str, Tap]:
-        v = self._vision_root
         info = {t.name: t for t in self.towers()}
-        hooks: dict[str, Tap] = {
-            "vision.hook_embed": OutputTap(f"{v}embeddings"),
-            "vision.ln_pre.hook_normalized": OutputTap(f"{v}pre_layrnorm"),
-        }
-        for i in range(info["vision"].n_layers):
-            hooks |= block_hooks(f"vision.blocks.{i}", f"{v}encoder.layers.{i}", CLIP_BLOCK, info["vision"].d_head)
-        hooks["vision.hook_out"] = OutputTap(f"{v}post_layernorm")
-        if hasattr(self.model, "visual_projection"):
-            hooks["hook_image_embeds"] = OutputTap("visual_projection")
+        hooks = self._vision_hooks(info["vision"])
         if "text" in info:
             hooks["text.hook_embed"] = OutputTap("text_model.embeddings")
             for i in range(info["text"].n_layers):
                 hooks |= block_hooks(f"text.blocks.{i}", f"text_model.encoder.layers.{i}", CLIP_BLOCK, info["text"].d_head)
             hooks["text.ln_final.hook_normalized"] = OutputTap("text_model.final_layer_norm")
-            hooks["hook_text_embeds"] = OutputTap("text_projection")
+            hooks["hook_text_embeds"] = OutputTap(self.text_projection)
+        return hooks
+
+    def _vision_hooks(self, vision: TowerInfo) -> dict[str, Tap]:
+        v = self._vision_root
+        hooks: dict[str, Tap] = {
+            "vision.hook_embed": OutputTap(f"{v}embeddings"),
+            "vision.ln_pre.hook_normalized": OutputTap(f"{v}pre_layrnorm"),
+        }
+        for i in range(vision.n_layers):
+            hooks |= block_hooks(f"vision.blocks.{i}", f"{v}encoder.layers.{i}", CLIP_BLOCK, vision.d_head)
+        hooks["vision.hook_out"] = OutputTap(f"{v}post_layernorm")
+        if hasattr(self.model, "visual_projection"):
+            hooks["hook_image_embeds"] = OutputTap("visual_projection")
         return hooks
 
     def image_projection(self) -> torch.Tensor | None:
@@ -105,46 +120,55 @@ class CLIPAdapter(HFAdapter):
     # ---- inputs -----------------------------------------------------------------------------------------------------
     def prepare(self, inputs: Any, *, text: Any = None, prompt: Any = None, **kwargs) -> Prepared:
         if prompt is not None:
-            raise TypeError("CLIP takes no prompt; pass captions to compare against as text=[...]")
+            raise TypeError(f"{self.family} takes no prompt; pass captions to compare against as text=[...]")
         check_type(inputs)
         if is_processor_output(inputs):
             model_kwargs = dict(inputs)
         else:
             model_kwargs = {}
             if is_pixel_values(inputs):
-                model_kwargs["pixel_values"] = pixel_tensor(inputs)
+                model_kwargs |= self._pixel_inputs(inputs)
             elif inputs is not None:
-                model_kwargs["pixel_values"] = self.require_processor("images", "image_processor")(
-                    images=load_images(inputs), return_tensors="pt"
-                )["pixel_values"]
+                image_processor = self.require_processor("images", "image_processor")
+                processed = image_processor(images=load_images(inputs), return_tensors="pt")
+                model_kwargs |= {key: processed[key] for key in self.image_keys}
             if text is not None:
                 texts = [text] if isinstance(text, str) else list(text)
-                tokenizer = self.require_processor("text", "tokenizer")
-                model_kwargs |= dict(tokenizer(texts, padding=True, return_tensors="pt"))
+                model_kwargs |= dict(self._tokenize(texts))
         model_kwargs |= model_keywords(self.model, kwargs)
-        if "input_ids" in model_kwargs and not isinstance(self.model, CLIPModel):
-            raise TypeError(f"{type(self.model).__name__} has no text tower; text needs a CLIPModel")
+        if "input_ids" in model_kwargs and not self._two_towers:
+            raise TypeError(f"{type(self.model).__name__} has no text tower; text needs the two-tower model class")
         if "pixel_values" not in model_kwargs and "input_ids" not in model_kwargs:
             raise ValueError("nothing to run: pass images (or pixel_values) and/or text=[...]")
         return Prepared(to_model(model_kwargs, self.model), partial(self._layout, model_kwargs))
 
+    def _pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model keywords of a ready ``pixel_values`` tensor."""
+        return {"pixel_values": pixel_tensor(pixels)}
+
+    def _tokenize(self, texts: list[str]) -> Mapping[str, torch.Tensor]:
+        return self.require_processor("text", "tokenizer")(texts, padding=True, return_tensors="pt")
+
     def _layout(self, model_kwargs: dict[str, Any]) -> InputLayout:
         towers = {}
         if "pixel_values" in model_kwargs:
-            pixels = model_kwargs["pixel_values"]
-            patch = self._vision_config.patch_size
-            towers["vision"] = grid_tower(pixels.shape[0], pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+            towers |= self._vision_layout(model_kwargs)
         if "input_ids" in model_kwargs:
             attention_mask = model_kwargs.get("attention_mask")
             if attention_mask is None:
                 attention_mask = torch.ones_like(model_kwargs["input_ids"])
             towers["text"] = text_tower(attention_mask)
-        return InputLayout(towers)
+        return InputLayout(towers, dict(self.tower_of_prefix()))
+
+    def _vision_layout(self, model_kwargs: dict[str, Any]) -> dict[str, TowerLayout]:
+        pixels = model_kwargs["pixel_values"]
+        patch = self._vision_config.patch_size
+        return {"vision": grid_tower(pixels.shape[0], pixels.shape[-2] // patch, pixels.shape[-1] // patch)}
 
     def forward(self, prepared: Prepared) -> Any:
         kwargs = prepared.kwargs
         model = self.model
-        if isinstance(model, CLIPModel):
+        if self._two_towers:
             if "input_ids" in kwargs and "pixel_values" in kwargs:
                 return model(**kwargs).logits_per_image
             if "pixel_values" in kwargs:
@@ -157,20 +181,20 @@ class CLIPAdapter(HFAdapter):
     def tower_forward(self, tower: str, prepared: Prepared) -> Any:
         if tower != "vision":
             return super().tower_forward(tower, prepared)
-        vision = self.model if isinstance(self.model, CLIPVisionModel) else self.model.vision_model
-        return vision(pixel_values=prepared.kwargs["pixel_values"])
+        vision = getattr(self.model, "vision_model", self.model)
+        return vision(**{key: prepared.kwargs[key] for key in self.image_keys})
 
     def block_list(self, tower: str) -> str:
         if tower == "vision":
             return f"{self._vision_root}encoder.layers"
-        if tower == "text" and isinstance(self.model, CLIPModel):
+        if tower == "text" and self._two_towers:
             return "text_model.encoder.layers"
         raise self.no_block_list(tower)
 
     def example_inputs(self) -> dict[str, Any]:
         size = self._vision_config.image_size
         inputs: dict[str, Any] = {"pixel_values": torch.zeros(1, 3, size, size)}
-        if isinstance(self.model, CLIPModel):
+        if self._two_towers:
             # No attention_mask: with one, the causal-mask helper reads its values, which a meta model cannot.
             length = self.model.config.text_config.max_position_embeddings
             inputs["input_ids"] = torch.zeros(1, length, dtype=torch.long)

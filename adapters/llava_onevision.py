@@ -32,6 +32,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from hooked_vlm.adapters.siglip import SIGLIP_BLOCK
 from jaxtyping import Bool, Int
 from torch import Tensor
 from transformers import LlavaOnevisionForConditionalGeneration
@@ -47,7 +48,6 @@ from hooked_vlm.layout import InputLayout, Kind, TowerLayout, text_tower
 from hooked_vlm.taps import InputTap, InstanceOverride, OutputTap, Tap, submodule
 from hooked_vlm.widths import output_width
 
-SIGLIP_BLOCK = BlockPaths(ln1="layer_norm1", attn="self_attn", ln2="layer_norm2", mlp="mlp")
 QWEN2_BLOCK = BlockPaths(
     ln1="input_layernorm",
     attn="self_attn",

@@ -37,9 +37,9 @@ from open_clip.transformer import LayerScale, ResidualAttentionBlock, VisionTran
 from torch import Tensor, nn
 
 from hooked_vlm.adapter import Adapter, Prepared, TowerInfo, register_adapter
-from hooked_vlm.head_results import per_head_results
 from hooked_vlm.inputs import check_type, is_pixel_values, is_processor_output, load_images, pixel_tensor, to_model
 from hooked_vlm.layout import InputLayout, grid_tower, text_tower
+from hooked_vlm.multihead_attention import ATTENTION_HOOKS, hooked_multihead_attention
 from hooked_vlm.taps import (
     BoundHookPoint,
     InputTap,
@@ -52,18 +52,8 @@ from hooked_vlm.taps import (
     submodule,
 )
 
-#: hook-name leaf of each value the attention recomputation passes through a hook point
-ATTENTION_HOOKS = {
-    "q": "hook_q",
-    "k": "hook_k",
-    "v": "hook_v",
-    "scores": "hook_attn_scores",
-    "pattern": "hook_pattern",
-    "z": "hook_z",
-    "result": "hook_result",  # z[head] @ W_O[head] per head, [batch, pos, head, d_model] (hooked_vlm.head_results)
-}
 
-def _hooked_attention(
+def _block_attention(
     attn: nn.MultiheadAttention,
     hooks: dict[str, BoundHookPoint],
     run: Run,
@@ -72,37 +62,8 @@ def _hooked_attention(
     v_x: Tensor | None = None,
     attn_mask: Tensor | None = None,
 ) -> Tensor:
-    """``ResidualAttentionBlock.attention`` computed as ``nn.MultiheadAttention`` does, with hook points inside."""
-    if k_x is not None or v_x is not None:
-        raise NotImplementedError("hooking the attention of open_clip cross-attention blocks is not supported")
-
-    def through(kind: str, x: Tensor) -> Tensor:
-        return run.fire(hooks[kind], x) if kind in hooks else x
-
-    qkv = F.linear(q_x, attn.in_proj_weight, attn.in_proj_bias).unflatten(-1, (3, attn.num_heads, attn.head_dim))
-    q, k, v = (through(kind, x).transpose(1, 2) for kind, x in zip("qkv", qkv.unbind(-3), strict=True))  # [batch, head, pos, d]
-    if attn_mask is not None:
-        # as ResidualAttentionBlock.attention passes it: additive, [q, k] or [batch * head, q, k]
-        attn_mask = attn_mask.to(q_x.dtype)
-        if attn_mask.dim() == 3:
-            attn_mask = attn_mask.unflatten(0, (-1, attn.num_heads))
-    if "scores" in hooks or "pattern" in hooks:
-        # nn.MultiheadAttention's need_weights path: scale q, add the mask, softmax in the input dtype
-        scores = (q * attn.head_dim**-0.5) @ k.transpose(-2, -1)
-        if attn_mask is not None:
-            scores = scores + attn_mask
-        pattern = through("pattern", F.softmax(through("scores", scores), dim=-1))
-        z = F.dropout(pattern, p=attn.dropout, training=attn.training) @ v
-    else:
-        z = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=attn.dropout if attn.training else 0.0)
-    z = through("z", z.transpose(1, 2))
-    if "result" in hooks:
-        result = per_head_results(z, attn.out_proj.weight)
-        edited = run.fire(hooks["result"], result)
-        if edited is not result:  # the output is what the heads write, summed, plus the output bias
-            out = edited.sum(-2)
-            return out if attn.out_proj.bias is None else out + attn.out_proj.bias
-    return F.linear(z.flatten(-2), attn.out_proj.weight, attn.out_proj.bias)
+    """``ResidualAttentionBlock.attention`` (open_clip calls it with these keywords), recomputed with hook points."""
+    return hooked_multihead_attention(attn, hooks, run, q_x, k_x, v_x, attn_mask)
 
 
 @dataclass(frozen=True)
@@ -122,7 +83,7 @@ class MultiheadAttentionTap(Tap):
     def install_group(cls, root, hook_points, run):
         block = submodule(root, hook_points[0].tap.module)
         hooks = {hp.tap.kind: hp for hp in hook_points}
-        return [InstanceOverride(block, "attention", partial(_hooked_attention, block.attn, hooks, run))]
+        return [InstanceOverride(block, "attention", partial(_block_attention, block.attn, hooks, run))]
 
     def describe(self) -> str:
         return f"{self.module}.attention → recomputed from attn.in_proj_weight ({self.kind})"

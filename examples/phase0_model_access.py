@@ -56,13 +56,20 @@ def library_hidden_states(model: HookedVLM, prepared) -> tuple[list[torch.Tensor
                     handle.remove()
             return outputs, None
         vision = getattr(raw, "vision_model", raw)  # CLIPVisionModel is the vision model itself
-        out = vision(pixel_values=pixel_values, output_hidden_states=True)
+        image_inputs = {k: v for k, v in prepared.kwargs.items() if k not in ("input_ids", "attention_mask")}  # SigLIP2: + mask, shapes
+        out = vision(**image_inputs, output_hidden_states=True)
         projection = getattr(raw, "visual_projection", None)
-        return list(out.hidden_states[1:]), projection(out.pooler_output) if projection is not None else None
+        if projection is not None:
+            return list(out.hidden_states[1:]), projection(out.pooler_output)
+        # SigLIP's image embedding is the pooled output itself (no projection)
+        return list(out.hidden_states[1:]), out.pooler_output if "hook_image_embeds" in model.hook_dict else None
 
 
-def model_view(image: Image.Image) -> Image.Image:
-    """The part of the image CLIP sees: both preprocessors resize the short side and keep the centre square."""
+def model_view(model: HookedVLM, image: Image.Image) -> Image.Image:
+    """The part of the image the model sees: CLIP's preprocessors resize the short side and keep the centre square;
+    others (SigLIP) resize the whole image."""
+    if not model.adapter.centre_crops_images:
+        return image
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return image.crop((left, top, left + side, top + side))
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"(worst relative error {max(errors):.1e} ≤ {tolerance:.0e})")
 
     # Heatmaps over the part of the image the model sees. The layout maps sequence positions to (row, col).
-    view = model_view(image) if model.adapter.centre_crops_images else image  # other processors resize it whole
+    view = model_view(model, image)
     last = len(resid_names) - 1
     pattern_names = model.hook_names("vision.blocks.*.attn.hook_pattern")
     with torch.no_grad():

@@ -382,6 +382,11 @@ class BlockPaths:
     mlp_in: str = "fc1"  # gate projection for gated MLPs
     mlp_up: str | None = None  # up projection of gated MLPs
     mlp_out: str = "fc2"
+    #: layer scale (DINOv2): the module, relative to the block, that multiplies the attention / MLP output by a
+    #: learned ``[d]`` vector before the block adds it to the residual stream; its output is then ``hook_attn_out`` /
+    #: ``hook_mlp_out`` (what the block adds). The adapter's :meth:`Adapter.attn_layer_scale` returns the vector.
+    attn_scale: str | None = None
+    mlp_scale: str | None = None
 
 
 def block_hooks(
@@ -396,6 +401,8 @@ def block_hooks(
     """The canonical per-block hook set (doc/hook_reference.md) of ``prefix`` (e.g. ``vision.blocks.3``) for the block at ``block``."""
     attn = f"{block}.{paths.attn}"
     mlp = f"{block}.{paths.mlp}"
+    attn_branch = attn if paths.attn_scale is None else f"{block}.{paths.attn_scale}"
+    mlp_branch = mlp if paths.mlp_scale is None else f"{block}.{paths.mlp_scale}"
     heads = SplitHeads(d_head)
     hooks: dict[str, Tap] = {
         f"{prefix}.hook_resid_pre": InputTap(block),
@@ -411,13 +418,13 @@ def block_hooks(
             name = {"scores": "hook_attn_scores", "pattern": "hook_pattern"}.get(kind, f"hook_{kind}")
             hooks[f"{prefix}.attn.{name}"] = AttentionFunctionTap(attn, kind=kind, fires_repeatedly=attention_repeats)
     hooks[f"{prefix}.attn.hook_z"] = InputTap(f"{attn}.{paths.o}", view=heads)
-    hooks[f"{prefix}.hook_attn_out"] = OutputTap(attn)
-    hooks[f"{prefix}.hook_resid_mid"] = ResidualSumTap(attn, block=block)
+    hooks[f"{prefix}.hook_attn_out"] = OutputTap(attn_branch)
+    hooks[f"{prefix}.hook_resid_mid"] = ResidualSumTap(attn_branch, block=block)
     hooks[f"{prefix}.ln2.hook_normalized"] = OutputTap(f"{block}.{paths.ln2}")
     hooks[f"{prefix}.mlp.hook_pre"] = OutputTap(f"{mlp}.{paths.mlp_in}")
     if paths.mlp_up is not None:
         hooks[f"{prefix}.mlp.hook_pre_linear"] = OutputTap(f"{mlp}.{paths.mlp_up}")
     hooks[f"{prefix}.mlp.hook_post"] = InputTap(f"{mlp}.{paths.mlp_out}")
-    hooks[f"{prefix}.hook_mlp_out"] = OutputTap(mlp)
+    hooks[f"{prefix}.hook_mlp_out"] = OutputTap(mlp_branch)
     hooks[f"{prefix}.hook_resid_post"] = OutputTap(block)
     return hooks

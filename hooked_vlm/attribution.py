@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from hooked_vlm.decomposition import Tower, get_full_resid_decomposition, unembedding
 from hooked_vlm.readouts import ClipSimilarity, LogitDiff, Probe
+from hooked_vlm.taps import submodule
 
 
 @dataclass
@@ -131,6 +132,12 @@ def _on_embedding(model, cache, hook: str, w: Tensor, b: Tensor, normalize: bool
         w = w @ _image_projection(model).float().T.to(w.device)
     elif hook != "vision.hook_out":
         raise NotImplementedError(f"direct attribution of a readout on {hook!r}: supported are hook_image_embeds and vision.hook_out")
+    elif not isinstance(submodule(model.raw_model, model.hook_dict[hook].tap.module), nn.LayerNorm):
+        # e.g. SigLIP's attention-pooling head: the pooled feature is not a norm of one residual position
+        raise NotImplementedError(
+            f"direct attribution through {hook!r}: this {model.adapter.family} model's pooled feature is not a norm "
+            "of one residual position, so it is not linear in the residual stream's components"
+        )
     return _Linear("vision", 0, w, b.float().expand(batch), note)
 
 
@@ -272,10 +279,12 @@ def attribute(cache, readout: Any, output: Any = None, *, unit: int | None = Non
     return result
 
 
-def attribution_names(tower: str, by_source: bool = True) -> list[str]:
-    """Glob patterns of every hook :func:`attribute` reads in ``tower`` (plus the readout's own hooks)."""
+def attribution_names(tower: str, by_source: bool = True, model: Any = None) -> list[str]:
+    """Glob patterns of every hook :func:`attribute` reads in ``tower`` (plus the readout's own hooks); with
+    ``model``, only the readout hooks it has (a vision tower alone, DINOv2, has no ``hook_image_embeds``)."""
     leaves = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "attn.hook_result"]
     if by_source:
         leaves += ["attn.hook_pattern", "attn.hook_v"]
     names = [f"{tower}.blocks.*.{leaf}" for leaf in leaves]
-    return names + ({"vision": ["vision.hook_out", "hook_image_embeds"], "lm": ["lm.ln_final.hook_normalized"]}.get(tower, []))
+    readouts = {"vision": ["vision.hook_out", "hook_image_embeds"], "lm": ["lm.ln_final.hook_normalized"]}.get(tower, [])
+    return names + [name for name in readouts if model is None or name in model.hook_dict]

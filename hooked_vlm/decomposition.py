@@ -140,7 +140,7 @@ class Tower:
         candidates = {
             "lm": ["lm.ln_final.hook_normalized"],
             "text": ["text.ln_final.hook_normalized"],
-            "vision": ["vision.hook_out", "projector.ln.hook_normalized"],
+            "vision": ["vision.hook_out", "vision.ln_final.hook_normalized", "projector.ln.hook_normalized"],
         }.get(self.name, [])
         for hook in candidates:
             if hook not in self.model.hook_dict:

@@ -27,6 +27,7 @@ class Kind(IntEnum):
     TEXT = 3
     IMAGE = 4
     NEWLINE = 5
+    REGISTER = 6  # a learned token appended to the sequence with no image content (DINOv2's registers)
 
 
 #: a position argument; the whole vocabulary (indices, (row, col) pairs, unions, ...) is
@@ -205,11 +206,17 @@ class InputLayout:
         return activation[batch.to(activation.device), position.to(activation.device)]
 
 
-def grid_tower(batch: int, rows: int, cols: int, n_prefix: int = 1, image_offset: int = 0) -> TowerLayout:
-    """A ViT sequence: ``n_prefix`` CLS/register tokens, then a row-major ``rows × cols`` patch grid."""
+def grid_tower(
+    batch: int, rows: int, cols: int, n_prefix: int = 1, image_offset: int = 0, n_registers: int = 0
+) -> TowerLayout:
+    """A ViT sequence: ``n_prefix`` tokens (CLS, then ``n_registers`` of them registers), then a row-major
+    ``rows × cols`` patch grid."""
+    if n_registers >= n_prefix and n_registers:
+        raise ValueError(f"{n_registers} registers need a CLS token before them (n_prefix = {n_prefix})")
     n = n_prefix + rows * cols
     kind = torch.full((batch, n), int(Kind.PATCH), dtype=torch.long)
     kind[:, :n_prefix] = int(Kind.CLS)
+    kind[:, n_prefix - n_registers : n_prefix] = int(Kind.REGISTER)
     row = torch.full((batch, n), -1, dtype=torch.long)
     col = torch.full((batch, n), -1, dtype=torch.long)
     patch = torch.arange(rows * cols)
@@ -219,6 +226,23 @@ def grid_tower(batch: int, rows: int, cols: int, n_prefix: int = 1, image_offset
     return TowerLayout(
         kind=kind, image=image, tile=torch.zeros_like(kind), row=row, col=col, grids=[(rows, cols)] * batch
     )
+
+
+def padded_grids_tower(grids: Sequence[tuple[int, int]], length: int) -> TowerLayout:
+    """Images of different patch grids, one per batch row, each a row-major ``rows × cols`` grid of patches
+    followed by padding up to ``length`` positions (variable-resolution ViTs such as SigLIP2's NaFlex)."""
+    batch = len(grids)
+    kind = torch.full((batch, length), int(Kind.PAD), dtype=torch.long)
+    row, col = torch.full_like(kind, -1), torch.full_like(kind, -1)
+    for b, (rows, cols) in enumerate(grids):
+        if rows * cols > length:
+            raise ValueError(f"image {b}: a {rows}×{cols} patch grid does not fit in {length} positions")
+        patch = torch.arange(rows * cols)
+        kind[b, : rows * cols] = int(Kind.PATCH)
+        row[b, : rows * cols], col[b, : rows * cols] = patch // cols, patch % cols
+    image = torch.where(kind == Kind.PATCH, torch.arange(batch)[:, None], -1)
+    tile = torch.where(kind == Kind.PATCH, 0, -1)
+    return TowerLayout(kind=kind, image=image, tile=tile, row=row, col=col, grids=[tuple(g) for g in grids])
 
 
 def text_tower(attention_mask: Tensor) -> TowerLayout:

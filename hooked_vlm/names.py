@@ -59,8 +59,26 @@ MODEL_HOOKS: dict[str, tuple[str, str]] = {
     "vision.ln_pre.hook_normalized": ("[batch, pos, d_vision]", "norm applied to the embeddings before block 0 (CLIP)"),
     "vision.hook_out": (
         "[batch, d_vision] or [batch, pos, d_vision]",
-        "the feature the vision tower hands on: the normed CLS token (CLIP) or the patch features the projector reads (VLMs)",
+        "the feature the vision tower hands on: the normed CLS token (CLIP, DINOv2), the attention-pooling head's "
+        "output (SigLIP) or the patch features the projector reads (VLMs)",
     ),
+    "vision.ln_final.hook_normalized": (
+        "[batch, pos, d_vision]",
+        "vision tower final norm over every position (SigLIP post_layernorm, DINOv2 layernorm)",
+    ),
+    "vision.head.hook_probe": ("[batch, 1, d_vision]", "the attention-pooling head's learned query, one per image (SigLIP)"),
+    "vision.head.attn.hook_q": ("[batch, 1, head, d_head]", "pooling-head queries per head, from the probe"),
+    "vision.head.attn.hook_k": ("[batch, pos, head, d_head]", "pooling-head keys per head, from the normed patches"),
+    "vision.head.attn.hook_v": ("[batch, pos, head, d_head]", "pooling-head values per head, from the normed patches"),
+    "vision.head.attn.hook_attn_scores": ("[batch, head, 1, pos]", "pooling-head scores: scaled, padding masked, before softmax"),
+    "vision.head.attn.hook_pattern": ("[batch, head, 1, pos]", "pooling-head attention of the probe over the patches"),
+    "vision.head.attn.hook_z": ("[batch, 1, head, d_head]", "pooling-head per-head output, before the output projection"),
+    "vision.head.attn.hook_result": ("[batch, 1, head, d_vision]", "each pooling head's write: z[head] @ W_O[head], no bias"),
+    "vision.head.hook_attn_out": ("[batch, 1, d_vision]", "pooling-head attention output: the head's residual before its MLP"),
+    "vision.head.ln.hook_normalized": ("[batch, 1, d_vision]", "pooling-head norm output (its MLP's input)"),
+    "vision.head.mlp.hook_pre": ("[batch, 1, d_mlp]", "pooling-head MLP pre-activation"),
+    "vision.head.mlp.hook_post": ("[batch, 1, d_mlp]", "pooling-head MLP post-activation"),
+    "vision.head.hook_mlp_out": ("[batch, 1, d_vision]", "pooling-head MLP output (added to hook_attn_out: vision.hook_out)"),
     "projector.hook_in": ("[batch, pos, d_vision]", "projector input: the vision features it maps into the LM"),
     "projector.ln.hook_normalized": ("[batch, pos, d_vision]", "projector norm output, before patches are merged (Qwen2-VL)"),
     "projector.hook_merged": (

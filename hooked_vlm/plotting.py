@@ -29,7 +29,8 @@ from hooked_vlm.names import block_parts, describe_hook
 #: Hooks on CLIP's text path; the flow diagram follows the image.
 _TEXT_PATH = ("text.", "hook_text_embeds")
 
-_KIND_LABELS = {Kind.CLS: "CLS", Kind.PATCH: "patches", Kind.TEXT: "text", Kind.IMAGE: "image tokens", Kind.NEWLINE: "newlines"}
+_KIND_LABELS = {Kind.CLS: "CLS", Kind.PATCH: "patches", Kind.TEXT: "text", Kind.IMAGE: "image tokens", Kind.NEWLINE: "newlines",
+               Kind.REGISTER: "registers"}
 
 _COLORS = {"input": "#eeeeee", "vision": "#d6e6f5", "projector": "#fbe3c8", "lm": "#d9efd5"}
 _OTHER_COLOR = "#ece1f3"

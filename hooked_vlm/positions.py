@@ -7,7 +7,8 @@ everywhere. A position argument resolves, for one hook, to a ``[batch, pos]`` bo
 sequence (:func:`resolve`):
 
 - ``"all"`` (every position but padding; ``"prompt"`` is the same), ``"cls"``, ``"patches"`` (``"patch"``),
-  ``"image"``, ``"text"``, ``"newline"``: positions of that kind. A name that matches nothing in the sequence
+  ``"registers"`` (``"register"``: DINOv2's register tokens), ``"image"``, ``"text"``, ``"newline"``: positions of
+  that kind. A name that matches nothing in the sequence
   raises, so a selection cannot come out empty by accident.
 - ``"generated"``: no prompt position (steering adds the tokens ``generate`` produces; elsewhere it raises).
 - an ``int`` or a sequence of ints: sequence indices on every row (negative counts from the end; prompts are
@@ -45,6 +46,8 @@ NAMED: dict[str, tuple[Kind, ...]] = {
     "text": (Kind.TEXT,),
     "image": (Kind.IMAGE,),
     "newline": (Kind.NEWLINE,),
+    "registers": (Kind.REGISTER,),
+    "register": (Kind.REGISTER,),
 }
 #: names that are not a kind: every prompt position, and the tokens generation adds (none of the prompt)
 ALL, PROMPT, GENERATED = "all", "prompt", "generated"

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from reference import direct_hooks
+from reference import block_references, expected_block_hooks
 from transformers import CLIPModel
 
 from hooked_vlm import HookedVLM, HookShapeError, UnknownHookError
@@ -36,34 +36,6 @@ def inputs(clip):
     return dict(processor(images=images, text=TEXTS, return_tensors="pt", padding=True))
 
 
-def block_references(raw, tower, root, n_layers, d_head, inputs):
-    spec = {}
-    for i in range(n_layers):
-        layer = f"{root}encoder.layers.{i}"
-        spec |= {
-            f"{i}.ln1": (f"{layer}.layer_norm1", "out"),
-            f"{i}.q": (f"{layer}.self_attn.q_proj", "out"),
-            f"{i}.k": (f"{layer}.self_attn.k_proj", "out"),
-            f"{i}.v": (f"{layer}.self_attn.v_proj", "out"),
-            f"{i}.z": (f"{layer}.self_attn.out_proj", "in"),
-            f"{i}.attn_out": (f"{layer}.self_attn", "out"),
-            f"{i}.mid": (f"{layer}.layer_norm2", "in"),
-            f"{i}.ln2": (f"{layer}.layer_norm2", "out"),
-            f"{i}.pre": (f"{layer}.mlp.fc1", "out"),
-            f"{i}.post": (f"{layer}.mlp.fc2", "in"),
-            f"{i}.mlp_out": (f"{layer}.mlp", "out"),
-        }
-    store, handles = direct_hooks(raw, spec)
-    try:
-        with torch.no_grad():
-            out = raw(**inputs, output_hidden_states=True)
-    finally:
-        for h in handles:
-            h.remove()
-    hidden = (out.vision_model_output if tower == "vision" else out.text_model_output).hidden_states
-    return store, hidden
-
-
 @pytest.mark.parametrize("tower", ["vision", "text"])
 def test_every_block_hook_matches_hf(clip, eager_clip, inputs, tower):
     model, raw, _ = clip
@@ -78,22 +50,7 @@ def test_every_block_hook_matches_hf(clip, eager_clip, inputs, tower):
     heads = lambda t: t.unflatten(-1, (info.n_heads, info.d_head))  # noqa: E731
     for i in range(info.n_layers):
         p = f"{tower}.blocks.{i}."
-        expected = {
-            "hook_resid_pre": hidden[i],
-            "ln1.hook_normalized": store[f"{i}.ln1"],
-            "attn.hook_q": heads(store[f"{i}.q"]),
-            "attn.hook_k": heads(store[f"{i}.k"]),
-            "attn.hook_v": heads(store[f"{i}.v"]),
-            "attn.hook_pattern": attentions[i],
-            "attn.hook_z": heads(store[f"{i}.z"]),
-            "hook_attn_out": store[f"{i}.attn_out"],
-            "hook_resid_mid": store[f"{i}.mid"],
-            "ln2.hook_normalized": store[f"{i}.ln2"],
-            "mlp.hook_pre": store[f"{i}.pre"],
-            "mlp.hook_post": store[f"{i}.post"],
-            "hook_mlp_out": store[f"{i}.mlp_out"],
-            "hook_resid_post": hidden[i + 1],
-        }
+        expected = expected_block_hooks(store, hidden, attentions, i, heads)
         for name, reference in expected.items():
             torch.testing.assert_close(cache[p + name], reference, atol=TOL, rtol=0, msg=p + name)
         # Scores: pre-softmax, masked; their softmax is HF's eager pattern, and unmasked entries are q·k / sqrt(d).

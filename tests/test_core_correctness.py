@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hooked_vlm import HookedVLM, attention
+from hooked_vlm.report import default_text
 from hooked_vlm.taps import (
     ConcurrentRunError,
     HookDtypeError,
@@ -32,10 +33,8 @@ def tiny(family: str) -> HookedVLM:
 
 def run_kwargs(family: str) -> dict:
     image = sample_image(64, 64, seed=3)
-    # CLIPs get a caption too, so that the text tower's boundaries run
-    if tiny(family).adapter.has_language_model:
-        return {"inputs": image, "prompt": "Describe it."}
-    return {"inputs": image, "text": ["a photo"]}
+    # two-tower models get a caption too, so that the text tower's boundaries run; vision towers alone get none
+    return {"inputs": image, **default_text(tiny(family), prompt="Describe it.", caption="a photo")}
 
 
 def shared_boundaries(model: HookedVLM) -> dict[tuple[str, str], list[str]]:

@@ -104,8 +104,9 @@ def test_patterns_agree_with_eager_attention_weights(family):
             out = raw(**prepared.kwargs, output_attentions=True)
     finally:
         raw.set_attn_implementation("sdpa")
-    attentions = {"lm": getattr(out, "attentions", None)}  # VLMs return the LM's; their vision towers' weights
-    # are compared in the family's own file (Qwen-VL's vision attention runs per image / window)
+    # VLMs return the LM's; their vision towers' weights are compared in the family's own file (Qwen-VL's vision
+    # attention runs per image / window); a vision tower alone (DINOv2) returns its own
+    attentions = {"lm" if model.adapter.has_language_model else "vision": getattr(out, "attentions", None)}
     if hasattr(out, "vision_model_output"):  # CLIPModel
         attentions = {"vision": out.vision_model_output.attentions, "text": out.text_model_output.attentions}
     checked = 0

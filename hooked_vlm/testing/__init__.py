@@ -9,6 +9,7 @@ several devices with accelerate.
 
 from hooked_vlm.testing.clip import clip_processor, clip_tokenizer, tiny_clip, tiny_open_clip
 from hooked_vlm.testing.devices import alternating_device_map, dispatch
+from hooked_vlm.testing.dinov2 import tiny_dinov2, tiny_dinov2_with_registers
 from hooked_vlm.testing.images import half_and_half_image, sample_image
 from hooked_vlm.testing.inputs import real_size_inputs
 from hooked_vlm.testing.llava import tiny_llava, tiny_llava_next
@@ -17,6 +18,7 @@ from hooked_vlm.testing.meta import build, config_names, load_config, meta_model
 from hooked_vlm.testing.qwen2_5_vl import tiny_qwen2_5_vl
 from hooked_vlm.testing.qwen2_vl import tiny_qwen2_vl
 from hooked_vlm.testing.qwen3_vl import tiny_qwen3_vl, tiny_qwen3_vl_moe
+from hooked_vlm.testing.siglip import tiny_siglip, tiny_siglip2
 
 #: name → factory returning ``(model, processor)``; ``hooked-vlm inspect tiny:NAME`` and the examples use these.
 TINY_MODELS = {
@@ -29,6 +31,10 @@ TINY_MODELS = {
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "qwen3_vl": tiny_qwen3_vl,
     "qwen3_vl_moe": tiny_qwen3_vl_moe,
+    "siglip": tiny_siglip,
+    "siglip2": tiny_siglip2,
+    "dinov2": tiny_dinov2,
+    "dinov2_with_registers": tiny_dinov2_with_registers,
 }
 
 __all__ = [
@@ -47,10 +53,14 @@ __all__ = [
     "tiny_clip",
     "tiny_llava",
     "tiny_llava_next",
+    "tiny_dinov2",
+    "tiny_dinov2_with_registers",
     "tiny_llava_onevision",
     "tiny_open_clip",
     "tiny_qwen2_5_vl",
     "tiny_qwen2_vl",
     "tiny_qwen3_vl",
     "tiny_qwen3_vl_moe",
+    "tiny_siglip",
+    "tiny_siglip2",
 ]
