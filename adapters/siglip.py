@@ -135,6 +135,16 @@ class SiglipAdapter(CLIPAdapter):
             hooks["hook_image_embeds"] = OutputTap(f"{v}head")
         return hooks
 
+    def hook_widths(self) -> dict[str, int | None]:
+        widths = super().hook_widths()
+        if not self._has_head:
+            return widths
+        # the head's nn.MultiheadAttention is recomputed by a family tap: per-head hooks span its embed_dim,
+        # each head's result the residual width
+        attention = submodule(self.model, f"{self._vision_root}head.attention")
+        per_head = {f"vision.head.attn.{leaf}": attention.embed_dim for leaf in ("hook_q", "hook_k", "hook_v", "hook_z")}
+        return widths | per_head | {"vision.head.attn.hook_result": attention.num_heads * attention.embed_dim}
+
     def tower_of_prefix(self) -> dict[str, str]:
         return dict(HEAD_TOWER_OF_PREFIX) if self._has_head else {}
 

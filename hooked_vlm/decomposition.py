@@ -525,11 +525,15 @@ def _packed_positions(name: str, value: Tensor, positions: Tensor, length: int) 
     return value
 
 
-def needed_hooks(tower: str = "*", heads: bool = True) -> list[str]:
-    """Glob patterns of the hooks the decompositions of ``tower`` read (pass as ``names_filter``)."""
-    leaves = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", *RESIDUAL_WRITES]
+def needed_hooks(tower: str = "*", heads: bool = True, model: HookedVLM | None = None) -> list[str]:
+    """Glob patterns of the hooks the decompositions of ``tower`` read (pass as ``names_filter``). Pass ``model``
+    for one with writes between blocks (Qwen3-VL's ``hook_deepstack``): their patterns are added where it has them
+    (a pattern that matches nothing is an error in ``names_filter``)."""
+    leaves = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"]
     if heads:
         leaves.append("attn.hook_result")
+    if model is not None:
+        leaves += [leaf for leaf in RESIDUAL_WRITES if model.hook_names(f"{tower}.blocks.*.{leaf}")]
     return [f"{tower}.blocks.*.{leaf}" for leaf in leaves]
 
 

@@ -15,12 +15,18 @@ from hooked_vlm.utils import act_name
 ATOL = 1e-4
 #: every family, and open_clip with LayerScale (random scales) after every attention and MLP
 FACTORIES = {**TINY_MODELS, "open_clip_ls": partial(TINY_MODELS["open_clip"], ls_init_value=0.5)}
-FAMILIES = ["clip", "open_clip", "open_clip_ls", "llava_onevision", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-TWO_TOWERS = ("clip", "open_clip", "open_clip_ls")
+FAMILIES = ["clip", "open_clip", "open_clip_ls", "siglip", "dinov2", "llava_onevision", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+TWO_TOWERS = ("clip", "open_clip", "open_clip_ls", "siglip")
 PROMPT = "What is in the picture?"
 
 
+VISION_ONLY = ("dinov2",)
+LAYER_SCALED = ("open_clip_ls", "dinov2")
+
+
 def _inputs(family):
+    if family in VISION_ONLY:
+        return [sample_image(seed=0), sample_image(seed=1, width=80, height=120)], {}
     if family in TWO_TOWERS:
         return [sample_image(seed=0), sample_image(seed=1, width=80, height=120)], {"text": ["a photo of a cat", "sunset"]}
     return sample_image(32, 32), {"prompt": PROMPT}
@@ -49,7 +55,11 @@ def towers(family):
     return [t.name for t in get(family)[0].adapter.towers()]
 
 
-CASES = [(f, t) for f in FAMILIES for t in (["vision", "text"] if f in TWO_TOWERS else ["vision", "lm"])]
+CASES = [
+    (f, t)
+    for f in FAMILIES
+    for t in (["vision"] if f in VISION_ONLY else ["vision", "text"] if f in TWO_TOWERS else ["vision", "lm"])
+]
 
 
 def _run(model, family, **kwargs):
@@ -75,7 +85,7 @@ def test_head_results_plus_bias_equal_attn_out(family, tower):
         # what each head adds to the residual stream: its result, times the block's layer scale if it has one
         written = t.head_results(cache, layer)
         scale = t.layer_scale(layer)
-        assert (scale is not None) == (family == "open_clip_ls")
+        assert (scale is not None) == (family in LAYER_SCALED)
         torch.testing.assert_close(written, result if scale is None else result * scale, atol=1e-6, rtol=0)
         bias = t.out_proj(layer)[1]
         total = written.sum(-2) + (0 if bias is None else bias)
@@ -176,6 +186,9 @@ NORMED = {
     ("open_clip", "vision"): ("vision.hook_out", 0),
     ("open_clip", "text"): ("text.ln_final.hook_normalized", None),
     ("open_clip_ls", "vision"): ("vision.hook_out", 0),
+    ("siglip", "vision"): ("vision.ln_final.hook_normalized", None),
+    ("siglip", "text"): ("text.ln_final.hook_normalized", None),
+    ("dinov2", "vision"): ("vision.ln_final.hook_normalized", None),
     ("open_clip_ls", "text"): ("text.ln_final.hook_normalized", None),
     ("llava_onevision", "lm"): ("lm.ln_final.hook_normalized", None),
     ("llava", "lm"): ("lm.ln_final.hook_normalized", None),
