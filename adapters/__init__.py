@@ -3,4 +3,4 @@
 Installed as ``hooked_vlm.adapters`` (see pyproject.toml), so nothing named ``adapters`` lands at top level.
 """
 
-from hooked_vlm.adapters import clip, llava_onevision, open_clip, qwen2_5_vl, qwen2_vl  # noqa: F401
+from hooked_vlm.adapters import clip, gemma3, llava_onevision, open_clip, qwen2_5_vl, qwen2_vl  # noqa: F401

@@ -9,6 +9,7 @@ several devices with accelerate.
 
 from hooked_vlm.testing.clip import clip_processor, clip_tokenizer, tiny_clip, tiny_open_clip
 from hooked_vlm.testing.devices import alternating_device_map, dispatch
+from hooked_vlm.testing.gemma3 import tiny_gemma3
 from hooked_vlm.testing.images import half_and_half_image, sample_image
 from hooked_vlm.testing.inputs import real_size_inputs
 from hooked_vlm.testing.llava_onevision import tiny_llava_onevision
@@ -23,6 +24,7 @@ TINY_MODELS = {
     "llava_onevision": tiny_llava_onevision,
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
+    "gemma3": tiny_gemma3,
 }
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "real_size_inputs",
     "sample_image",
     "tiny_clip",
+    "tiny_gemma3",
     "tiny_llava_onevision",
     "tiny_open_clip",
     "tiny_qwen2_5_vl",
