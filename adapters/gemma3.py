@@ -323,7 +323,7 @@ class Gemma3Adapter(HFAdapter):
             "vision tower": f"SigLIP, {vision.n_layers} blocks, d={vision.d_model}, {vision.n_heads} heads × {vision.d_head}",
             "image": f"{config.vision_config.image_size}×{config.vision_config.image_size} px, patch "
             f"{config.vision_config.patch_size} px → {side}×{side} = {side * side} patches, no CLS",
-            "projector": f"{side // pooled}×{side // pooled} average pooling → {pooled}×{pooled} = "
+            "projection": f"{side // pooled}×{side // pooled} average pooling → {pooled}×{pooled} = "
             f"{config.mm_tokens_per_image} tokens → RMSNorm → matmul ({vision.d_model} → {lm.d_model})",
             "image tokens": f"<start_of_image> + {config.mm_tokens_per_image} soft tokens + <end_of_image> per image, "
             "attended bidirectionally within the image",
