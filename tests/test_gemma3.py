@@ -483,3 +483,29 @@ def test_every_hook_fires_with_real_shapes_on_the_meta_device():
     assert lm["lm.blocks.5.attn.hook_pattern"].shape == (1, 8, seq, seq)
     assert lm["lm.blocks.0.attn.hook_result"].shape == (1, seq, 8, 2560)
     assert lm["lm.blocks.33.mlp.hook_post"].shape == (1, seq, 10240)
+
+
+# ---- decompositions ------------------------------------------------------------------------------------------------
+
+
+def test_decompositions_with_sandwich_norms(model, batch):
+    """Per-layer components add up to the residual stream and go through Gemma's final RMSNorm (``1 + weight``)
+    exactly; per-head results, which sit before the post-attention norm, are refused rather than misattributed."""
+    _, cache = model.run_with_cache(
+        batch, names_filter=lambda n: n.startswith("lm.") and ("hook_" in n and ".attn." not in n or "hook_z" in n)
+    )
+    stack, labels = cache.decompose_resid(return_labels=True, tower="lm")
+    assert labels == ["embed", "0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out"]
+    final = cache["lm.blocks.1.hook_resid_post"]
+    torch.testing.assert_close(stack.sum(0), final, **TOL)
+    normed = cache.apply_ln_to_stack(stack, tower="lm").sum(0)
+    torch.testing.assert_close(normed, cache["lm.ln_final.hook_normalized"], **TOL)
+    with pytest.raises(NotImplementedError, match="norms the attention output again"):
+        cache.stack_head_results(tower="lm")
+    # SigLIP's blocks have no post-attention norm: their heads add up to hook_attn_out as usual
+    _, vision = model.run_with_cache(
+        batch, names_filter=["vision.blocks.0.attn.hook_z", "vision.blocks.0.hook_attn_out"]
+    )
+    heads = vision.stack_head_results(layer=1, tower="vision")
+    bias = model.raw_model.model.vision_tower.encoder.layers[0].self_attn.out_proj.bias
+    torch.testing.assert_close(heads.sum(0) + bias, vision["vision.blocks.0.hook_attn_out"], **TOL)
