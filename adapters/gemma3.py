@@ -192,25 +192,9 @@ class Gemma3Adapter(HFAdapter):
         return self.model.config
 
     def towers(self) -> list[TowerInfo]:
-        vision, text = self.config.vision_config, self.config.text_config
         return [
-            TowerInfo(
-                name="vision",
-                n_layers=vision.num_hidden_layers,
-                d_model=vision.hidden_size,
-                n_heads=vision.num_attention_heads,
-                d_head=vision.hidden_size // vision.num_attention_heads,
-                d_mlp=vision.intermediate_size,
-            ),
-            TowerInfo(
-                name="lm",
-                n_layers=text.num_hidden_layers,
-                d_model=text.hidden_size,
-                n_heads=text.num_attention_heads,
-                d_head=text.head_dim,
-                n_kv_heads=text.num_key_value_heads,
-                d_mlp=text.intermediate_size,
-            ),
+            TowerInfo.from_hf_config("vision", self.config.vision_config),
+            TowerInfo.from_hf_config("lm", self.config.text_config),
         ]
 
     def tower_of_prefix(self) -> dict[str, str]:

@@ -431,11 +431,18 @@ def test_input_forms(model, hf, tiny):
 
 
 def test_generate_equals_hf_generate(model, hf, batch):
-    out = model.generate(batch, max_new_tokens=4, do_sample=False, cache_names="lm.blocks.1.hook_resid_post")
+    """With pattern capture in both kinds of block: a sliding block's cache keeps the last ``sliding_window`` keys."""
+    names = ["lm.blocks.0.attn.hook_pattern", "lm.blocks.1.attn.hook_pattern"]
+    options = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    out = model.generate(batch, cache_names=names, **options)
     with torch.no_grad():
-        expected = hf.generate(**batch.kwargs, max_new_tokens=4, do_sample=False)
+        expected = hf.generate(**batch.kwargs, **options)
     assert torch.equal(out.sequences, expected)
-    assert len(out.step_cache["lm.blocks.1.hook_resid_post"]) == 4
+    seq = batch.kwargs["input_ids"].shape[1]
+    sliding, full = (out.step_cache[name] for name in names)
+    assert sliding[0].shape == full[0].shape == (2, 4, seq, seq)  # the prompt
+    assert [tuple(p.shape) for p in sliding[1:]] == [(2, 4, 1, TINY_GEMMA3_WINDOW)] * 3
+    assert [tuple(p.shape) for p in full[1:]] == [(2, 4, 1, seq + k) for k in (1, 2, 3)]
 
 
 # ---- real checkpoint configs on the meta device ------------------------------------------------------------------------
