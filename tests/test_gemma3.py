@@ -516,3 +516,24 @@ def test_decompositions_with_sandwich_norms(model, batch):
     heads = vision.stack_head_results(layer=1, tower="vision")
     bias = model.raw_model.model.vision_tower.encoder.layers[0].self_attn.out_proj.bias
     torch.testing.assert_close(heads.sum(0) + bias, vision["vision.blocks.0.hook_attn_out"], **TOL)
+
+
+def test_pan_and_scan_crops_are_images_of_their_own(model, hf, tiny):
+    """The image processor's pan-and-scan crops, with the prompt text Gemma3Processor writes for them: each crop is
+    a row of pixel_values and a span of soft tokens, and the layout counts it as an image."""
+    processor = tiny[1]
+    pixels = processor.image_processor(images=[sample_image(120, 30)], do_pan_and_scan=True, return_tensors="pt")
+    n_crops = int(pixels["num_crops"][0])
+    assert n_crops > 1
+    image_text = processor.replace_image_token({"num_crops": [n_crops]}, 0)
+    text = f"<bos><start_of_turn>user\n{image_text}Hi<end_of_turn>\n<start_of_turn>model\n"
+    tokens = processor.tokenizer([text], add_special_tokens=False, return_tensors="pt")
+    inputs = dict(tokens, pixel_values=pixels["pixel_values"])
+    inputs["token_type_ids"] = (inputs["input_ids"] == hf.config.image_token_id).long()
+    prepared = model.prepare_inputs(inputs)
+    assert len(prepared.layout.image_spans) == 1 + n_crops == prepared.layout["vision"].shape[0]
+    _, cache = model.run_with_cache(prepared, names_filter=["projector.hook_out", "lm.hook_embed"])
+    for k in range(1 + n_crops):
+        grid = prepared.layout.image_grid("lm.hook_embed", cache["lm.hook_embed"], image=k)
+        torch.testing.assert_close(grid, cache["projector.hook_out"][k].view(4, 4, -1), rtol=0, atol=0)
+    assert torch.equal(model(prepared), reference_logits(hf, prepared))
