@@ -56,9 +56,10 @@ def sae_input_width(model: HookedVLM, hook_name: str) -> int | None:
     if info is None:
         return None
     suffix = parts[2]
-    heads = {"attn.hook_q": info.n_heads, "attn.hook_rot_q": info.n_heads, "attn.hook_z": info.n_heads}
+    queries = ("attn.hook_q", "attn.hook_q_normed", "attn.hook_rot_q", "attn.hook_z")
+    heads = dict.fromkeys(queries, info.n_heads)
     kv_heads = info.n_kv_heads or info.n_heads
-    heads |= {"attn.hook_k": kv_heads, "attn.hook_rot_k": kv_heads, "attn.hook_v": kv_heads}
+    heads |= dict.fromkeys(("attn.hook_k", "attn.hook_k_normed", "attn.hook_rot_k", "attn.hook_v"), kv_heads)
     if suffix in heads:
         return heads[suffix] * info.d_head
     if suffix in MLP_SUFFIXES:
