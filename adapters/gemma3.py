@@ -168,6 +168,11 @@ def _image_spans(image_tokens: Tensor, n_images: int, per_image: int) -> list[tu
     spans = []
     for b, row in enumerate(image_tokens):
         positions = row.nonzero()[:, 0]
+        if len(positions) % per_image:
+            raise ValueError(
+                f"prompt {b} holds {len(positions)} image soft tokens, not a multiple of the {per_image} an image "
+                "has; the prompt's image placeholders do not match the images"
+            )
         for chunk in positions.split(per_image):
             if int(chunk[-1] - chunk[0]) != per_image - 1:
                 raise ValueError(

@@ -428,6 +428,13 @@ def test_input_forms(model, hf, tiny):
     broken["input_ids"][0, (broken["input_ids"][0] == hf.config.image_token_id).nonzero()[0, 0]] = 0
     with pytest.raises(ValueError, match="placeholders do not match"):
         _ = model.prepare_inputs(broken).layout
+    split = dict(ready, input_ids=ready["input_ids"].clone())
+    positions = (split["input_ids"][0] == hf.config.image_token_id).nonzero()[:, 0]
+    first, after = int(positions[0]), int(positions[-1]) + 2  # the soft token moves past <end_of_image>
+    ids = split["input_ids"][0]
+    ids[first], ids[after] = ids[after].clone(), ids[first].clone()
+    with pytest.raises(ValueError, match="not contiguous"):
+        _ = model.prepare_inputs(split).layout
 
 
 def test_generate_equals_hf_generate(model, hf, batch):
