@@ -28,8 +28,9 @@ What is particular to Gemma 3's LM blocks, and where the hooks sit for it:
   ``down_proj``'s) are ``ln1_post.hook_in`` / ``ln2_post.hook_in``. ``attn.hook_result`` (per head, ``z · W_O``)
   sums to ``ln1_post.hook_in``, not to ``hook_attn_out``: the post-attention norm lies between.
 * **QK norm.** ``attn.hook_q`` / ``hook_k`` are the ``q_proj`` / ``k_proj`` outputs per head (TransformerLens's
-  ``hook_q``); ``attn.hook_q_normed`` / ``hook_k_normed`` are after ``q_norm`` / ``k_norm`` (RMSNorm over
-  ``d_head``), before RoPE; ``hook_rot_q`` / ``hook_rot_k`` after RoPE, as the scores use them.
+  ``hook_q``); ``attn.q_norm.hook_normalized`` / ``attn.k_norm.hook_normalized`` (Qwen3-VL's names) are after
+  ``q_norm`` / ``k_norm`` (RMSNorm over ``d_head``), before RoPE; ``hook_rot_q`` / ``hook_rot_k`` after RoPE, as
+  the scores use them.
 * **Sliding and global layers.** ``config.text_config.layer_types`` says which blocks attend within
   ``sliding_window`` tokens (5 of every 6) and which globally; the two kinds have their own RoPE bases. The
   attention hooks read the mask the model built for the block's kind, so ``hook_attn_scores`` / ``hook_pattern``
@@ -113,8 +114,8 @@ def gemma3_block_hooks(prefix: str, block: str, d_head: int) -> dict[str, Tap]:
     attn = f"{block}.{GEMMA3_BLOCK.attn}"
     attn_post, mlp_post = f"{block}.{ATTN_POST_NORM}", f"{block}.{MLP_POST_NORM}"
     normed = {
-        f"{prefix}.attn.hook_q_normed": OutputTap(f"{attn}.q_norm", view=HeadsFirst()),
-        f"{prefix}.attn.hook_k_normed": OutputTap(f"{attn}.k_norm", view=HeadsFirst()),
+        f"{prefix}.attn.q_norm.hook_normalized": OutputTap(f"{attn}.q_norm", view=HeadsFirst()),
+        f"{prefix}.attn.k_norm.hook_normalized": OutputTap(f"{attn}.k_norm", view=HeadsFirst()),
     }
     after_attention = {
         f"{prefix}.ln1_post.hook_in": InputTap(attn_post),

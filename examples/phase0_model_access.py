@@ -3,7 +3,6 @@
     python examples/phase0_model_access.py                                          # tiny random CLIP, offline
     python examples/phase0_model_access.py --model openai/clip-vit-large-patch14 --device cuda
     python examples/phase0_model_access.py --model open_clip:ViT-L-14/openai --image photo.jpg
-    python examples/phase0_model_access.py --model tiny:gemma3                      # a VLM's vision tower
 
 1. load the model                       5. hidden-state shapes per layer
 2. list the hookable layers             6. attention heads and their hook points
@@ -20,7 +19,7 @@ import sys
 import torch
 from PIL import Image
 
-from hooked_vlm import HookedVLM, Kind
+from hooked_vlm import HookedVLM
 from hooked_vlm.cli import record_shapes
 from hooked_vlm.inputs import load_images
 from hooked_vlm.plotting import attention_map, flow_diagram, head_grid, patch_heatmap
@@ -29,42 +28,26 @@ from hooked_vlm.testing import sample_image
 from common import Checklist, load, parser
 
 
-def library_hidden_states(model: HookedVLM, prepared) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def library_hidden_states(model: HookedVLM, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Every vision block's output and the image embedding, as the wrapped library computes them itself.
 
-    The reference the hook test compares against: open_clip's ``forward_intermediates``, Hugging Face CLIP's
-    ``output_hidden_states`` (``hidden_states[0]`` is the block-0 input, ``[i + 1]`` block i's output), or, for a
-    VLM (whose ``output_hidden_states`` are the language model's), the outputs of its vision blocks recorded with
-    plain PyTorch forward hooks, as ``output_hidden_states`` records them.
+    The reference the hook test compares against: open_clip's ``forward_intermediates``, or Hugging Face's
+    ``output_hidden_states`` (``hidden_states[0]`` is the block-0 input, ``[i + 1]`` block i's output).
     """
     raw = model.raw_model
-    pixel_values = prepared.kwargs["pixel_values"]
     with torch.no_grad():
         if hasattr(raw, "visual"):  # open_clip
             out = raw.visual.forward_intermediates(pixel_values, output_fmt="NLC", output_extra_tokens=True)
             prefixes, patches = out["image_intermediates_prefix"], out["image_intermediates"]
             return [torch.cat(parts, dim=1) for parts in zip(prefixes, patches, strict=True)], out["image_features"]
-        if model.adapter.has_language_model:
-            outputs: list[torch.Tensor] = []
-            blocks = raw.get_submodule(model.adapter.block_list("vision"))
-            handles = [block.register_forward_hook(lambda m, a, out: outputs.append(out)) for block in blocks]
-            try:
-                model.adapter.forward(prepared)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            return outputs, None
         vision = getattr(raw, "vision_model", raw)  # CLIPVisionModel is the vision model itself
         out = vision(pixel_values=pixel_values, output_hidden_states=True)
         projection = getattr(raw, "visual_projection", None)
         return list(out.hidden_states[1:]), projection(out.pooler_output) if projection is not None else None
 
 
-def model_view(model: HookedVLM, image: Image.Image) -> Image.Image:
-    """The part of the image the model sees: CLIP's preprocessors resize the short side and keep the centre
-    square; models that resize the whole image see all of it."""
-    if not model.adapter.centre_crops_images:
-        return image
+def model_view(image: Image.Image) -> Image.Image:
+    """The part of the image CLIP sees: both preprocessors resize the short side and keep the centre square."""
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return image.crop((left, top, left + side, top + side))
@@ -128,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     embeds_name = "hook_image_embeds" if "hook_image_embeds" in names else None
     with torch.no_grad():
         _, cache = model.run_with_cache(prepared, names_filter=[*resid_names, *([embeds_name] if embeds_name else [])])
-    reference_blocks, reference_embeds = library_hidden_states(model, prepared)
+    reference_blocks, reference_embeds = library_hidden_states(model, prepared.kwargs["pixel_values"])
     errors = [relative_error(cache[name], ref) for name, ref in zip(resid_names, reference_blocks, strict=True)]
     for name, error in zip(resid_names, errors, strict=True):
         print(f"  {name}: max |cache − library| / max |library| = {error:.1e}")
@@ -141,29 +124,20 @@ def main(argv: list[str] | None = None) -> int:
                    f"(worst relative error {max(errors):.1e} ≤ {tolerance:.0e})")
 
     # Heatmaps over the part of the image the model sees. The layout maps sequence positions to (row, col).
-    view = model_view(model, image)
+    view = model_view(image)
     last = len(resid_names) - 1
     pattern_names = model.hook_names("vision.blocks.*.attn.hook_pattern")
     with torch.no_grad():
         _, patterns = model.run_with_cache(prepared, names_filter=pattern_names)  # stops after the last block's pattern
     pattern = patterns[pattern_names[last]]  # [batch, head, query, key]
-    on_patches = patterns.layout.mask("patches", pattern_names[0])[0]  # [pos] bool
-    has_cls = bool((patterns.layout.tower_for(pattern_names[0]).kind == Kind.CLS).any())
-    if has_cls:
-        what, from_cls = "CLS → patch attention", pattern[:, :, 0, :].transpose(1, 2)  # CLS row: [batch, key, head]
-    else:  # towers without a CLS token (SigLIP): what each patch receives, averaged over the querying patches
-        what, from_cls = "attention received per patch", pattern.mean(2).transpose(1, 2)
+    from_cls = pattern[:, :, 0, :].transpose(1, 2)  # CLS row: [batch, key, head]
     cls_grid = patterns.layout.image_grid(pattern_names[last], from_cls).mean(-1)  # [rows, cols]
-    attention_map(view, cls_grid, out / "cls_attention.png", title=f"{what}, block {last}, mean over heads")
+    attention_map(view, cls_grid, out / "cls_attention.png", title=f"CLS → patch attention, block {last}, mean over heads")
     patch_norms = cache.layout.image_grid(resid_names[last], cache[resid_names[last]]).norm(dim=-1)
     patch_heatmap(view, patch_norms, out / "patch_norm.png", title=f"‖resid_post‖ per patch, block {last}", label="L2 norm")
-    if has_cls:
-        share = torch.stack([patterns[name][0, :, 0, on_patches].sum(-1) for name in pattern_names])  # [layer, head]
-        head_grid(share, out / "cls_attention_heads.png", title="share of CLS attention on patches", label="share")
-    else:  # how focused each head is: the largest weight of a query's row, averaged over queries
-        focus = torch.stack([patterns[name][0].amax(-1).mean(-1) for name in pattern_names])  # [layer, head]
-        head_grid(focus, out / "cls_attention_heads.png", title="mean largest attention weight per query",
-                  label="weight")
+    on_patches = patterns.layout.mask("patches", pattern_names[0])[0]  # [pos] bool
+    share = torch.stack([patterns[name][0, :, 0, on_patches].sum(-1) for name in pattern_names])  # [layer, head]
+    head_grid(share, out / "cls_attention_heads.png", title="share of CLS attention on patches", label="share")
     pngs = ["cls_attention.png", "patch_norm.png", "cls_attention_heads.png"]
     check(all((out / png).stat().st_size > 0 for png in pngs), f"heatmaps: {', '.join(str(out / png) for png in pngs)}")
 

@@ -12,9 +12,9 @@ from torch import Tensor
 from hooked_vlm.layout import InputLayout, Selector
 from hooked_vlm.positions import resolve_tower
 
-HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k", "hook_result", "hook_q_normed", "hook_k_normed")  # [batch, pos, head, d_head]
+HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k", "hook_result")  # [batch, pos, head, d_head]
 PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")  # [batch, head, query, key]
-QUERY_HEAD_HOOKS = ("hook_q", "hook_z", "hook_result", "hook_rot_q", "hook_q_normed", *PATTERN_HOOKS)  # head axis counts query heads (GQA)
+QUERY_HEAD_HOOKS = ("hook_q", "hook_z", "hook_result", "hook_rot_q", *PATTERN_HOOKS)  # head axis counts query heads (GQA)
 
 
 def axes(name: str) -> tuple[int, int | None]:

@@ -86,8 +86,8 @@ def test_canonical_hook_names(model):
         "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
     ]  # fmt: skip
     assert lm_block == [
-        "hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_q_normed",
-        "attn.hook_k_normed", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern",
+        "hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.q_norm.hook_normalized",
+        "attn.k_norm.hook_normalized", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_attn_scores", "attn.hook_pattern",
         "attn.hook_z", "attn.hook_result", "ln1_post.hook_in", "hook_attn_out", "hook_resid_mid",
         "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "ln2_post.hook_in",
         "hook_mlp_out", "hook_resid_post",
@@ -111,8 +111,9 @@ def test_hook_shapes_follow_heads_kv_heads_and_pooling(model, batch):
     assert cache["projector.hook_in"].shape == (3, 64, 32)
     assert cache["projector.hook_pooled"].shape == cache["projector.ln.hook_normalized"].shape == (3, 16, 32)
     assert cache["projector.hook_out"].shape == (3, 16, 32)
-    assert cache["lm.blocks.0.attn.hook_q"].shape == cache["lm.blocks.0.attn.hook_q_normed"].shape == (2, seq, 4, 8)
-    assert cache["lm.blocks.0.attn.hook_k_normed"].shape == cache["lm.blocks.0.attn.hook_rot_k"].shape == (2, seq, 2, 8)
+    lm = "lm.blocks.0.attn."
+    assert cache[lm + "hook_q"].shape == cache[lm + "q_norm.hook_normalized"].shape == (2, seq, 4, 8)
+    assert cache[lm + "k_norm.hook_normalized"].shape == cache[lm + "hook_rot_k"].shape == (2, seq, 2, 8)
     assert cache["lm.blocks.0.attn.hook_pattern"].shape == (2, 4, seq, seq)
     assert cache["lm.blocks.0.mlp.hook_pre_linear"].shape == (2, seq, 37)
 
@@ -194,7 +195,7 @@ def test_every_residual_equals_hf_hidden_states(model, hf, batch):
 
 def test_qk_norm_rope_and_scores_by_hand(model, hf, batch):
     prefix = "lm.blocks.1.attn."
-    names = [prefix + k for k in ("hook_q", "hook_k", "hook_q_normed", "hook_k_normed", "hook_rot_q", "hook_rot_k",
+    names = [prefix + k for k in ("hook_q", "hook_k", "q_norm.hook_normalized", "k_norm.hook_normalized", "hook_rot_q", "hook_rot_k",
                                   "hook_attn_scores")]  # fmt: skip
     _, cache = model.run_with_cache(batch, names_filter=names)
     attn = hf.model.language_model.layers[1].self_attn
@@ -204,8 +205,8 @@ def test_qk_norm_rope_and_scores_by_hand(model, hf, batch):
         seq = batch.kwargs["input_ids"].shape[1]
         cos, sin = hf.model.language_model.rotary_emb(q_normed, torch.arange(seq)[None], "full_attention")
         rot_q, rot_k = apply_rotary_pos_emb(q_normed, k_normed, cos, sin, unsqueeze_dim=2)
-    torch.testing.assert_close(cache[prefix + "hook_q_normed"], q_normed)
-    torch.testing.assert_close(cache[prefix + "hook_k_normed"], k_normed)
+    torch.testing.assert_close(cache[prefix + "q_norm.hook_normalized"], q_normed)
+    torch.testing.assert_close(cache[prefix + "k_norm.hook_normalized"], k_normed)
     # left padding shifts positions in the padded row; the first (longest) prompt has none
     torch.testing.assert_close(cache[prefix + "hook_rot_q"][0], rot_q[0], **TOL)
     torch.testing.assert_close(cache[prefix + "hook_rot_k"][0], rot_k[0], **TOL)
@@ -365,7 +366,7 @@ def test_editing_normed_queries_matches_a_manual_edit(model, hf, batch):
     def scale(x, hook):
         return x * 2.0
 
-    logits = model.run_with_hooks(batch, fwd_hooks=[("lm.blocks.0.attn.hook_q_normed", scale)])
+    logits = model.run_with_hooks(batch, fwd_hooks=[("lm.blocks.0.attn.q_norm.hook_normalized", scale)])
     handle = hf.model.language_model.layers[0].self_attn.q_norm.register_forward_hook(lambda m, a, out: out * 2.0)
     try:
         expected = reference_logits(hf, batch)
@@ -493,7 +494,7 @@ def test_every_hook_fires_with_real_shapes_on_the_meta_device():
     seq = inputs["input_ids"].shape[1]
     _, lm = model.run_with_cache({"input_ids": inputs["input_ids"]}, names_filter=lambda n: n.startswith("lm."))
     assert set(lm) == {n for n in model.hook_names() if n.startswith("lm.")}
-    assert lm["lm.blocks.33.attn.hook_q_normed"].shape == (1, seq, 8, 256)
+    assert lm["lm.blocks.33.attn.q_norm.hook_normalized"].shape == (1, seq, 8, 256)
     assert lm["lm.blocks.5.attn.hook_pattern"].shape == (1, 8, seq, seq)
     assert lm["lm.blocks.0.attn.hook_result"].shape == (1, seq, 8, 2560)
     assert lm["lm.blocks.33.mlp.hook_post"].shape == (1, seq, 10240)

@@ -56,10 +56,10 @@ def sae_input_width(model: HookedVLM, hook_name: str) -> int | None:
     if info is None:
         return None
     suffix = parts[2]
-    queries = ("attn.hook_q", "attn.hook_q_normed", "attn.hook_rot_q", "attn.hook_z")
+    queries = ("attn.hook_q", "attn.q_norm.hook_normalized", "attn.hook_rot_q", "attn.hook_z")
     heads = dict.fromkeys(queries, info.n_heads)
     kv_heads = info.n_kv_heads or info.n_heads
-    heads |= dict.fromkeys(("attn.hook_k", "attn.hook_k_normed", "attn.hook_rot_k", "attn.hook_v"), kv_heads)
+    heads |= dict.fromkeys(("attn.hook_k", "attn.k_norm.hook_normalized", "attn.hook_rot_k", "attn.hook_v"), kv_heads)
     if suffix in heads:
         return heads[suffix] * info.d_head
     if suffix in MLP_SUFFIXES:
