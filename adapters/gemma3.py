@@ -61,7 +61,7 @@ from torch import Tensor
 from transformers import Gemma3ForConditionalGeneration
 
 from hooked_vlm.adapter import BlockPaths, HFAdapter, Prepared, TowerInfo, block_hooks, register_adapter
-from hooked_vlm.inputs import chat_prompts, check_type, is_processor_output, model_keywords, to_model
+from hooked_vlm.inputs import chat_prompts, check_type, is_processor_output, model_keywords, pixel_tensor, to_model
 from hooked_vlm.layout import InputLayout, Kind, grid_tower, text_tower
 from hooked_vlm.taps import InputTap, OutputTap, ResidualSumTap, Tap, View
 
@@ -184,6 +184,18 @@ def _image_spans(image_tokens: Tensor, n_images: int, per_image: int) -> list[tu
     return spans
 
 
+def _tokenizing(processor: Any, texts: list[str]) -> dict[str, Any]:
+    """Tokenizer options for formatted texts: left padding (as generation needs), and no second ``<bos>`` where
+    the chat template wrote one."""
+    bos = processor.tokenizer.bos_token
+    return dict(
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+        add_special_tokens=not all(t.startswith(bos) for t in texts),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The adapter.
 
@@ -233,7 +245,8 @@ class Gemma3Adapter(HFAdapter):
         """Inputs from images and prompts (chat-formatted with the checkpoint's template) or processor outputs.
 
         ``inputs``: one image, a list of images (all in one prompt, or one per prompt when ``prompt`` is a list of
-        the same length), a list of lists (the images of each prompt), or a dict of processor outputs.
+        the same length), a list of lists (the images of each prompt), ready ``pixel_values`` ``[n, 3, H, W]`` (one
+        prompt per image), or a dict of processor outputs.
         ``prompt``: the user message(s); ``text``: already formatted text with ``<start_of_image>`` placeholders.
         Text that already starts with the template's ``<bos>`` gets no second one. Prompts are left-padded.
         """
@@ -249,23 +262,39 @@ class Gemma3Adapter(HFAdapter):
                     "token_type_ids)",
                     stacklevel=3,
                 )
+        elif isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
+            model_kwargs = self._ready_pixels(pixel_tensor(inputs), text, prompt)
         else:
-            if isinstance(inputs, torch.Tensor):
-                raise TypeError(
-                    "Gemma 3 needs the prompt's image tokens besides pixel_values: pass images, or the processor's "
-                    "outputs as a dict"
-                )
             processor = self.require_processor()
             texts, images = chat_prompts(processor, inputs, text, prompt)
-            bos = processor.tokenizer.bos_token
-            model_kwargs = dict(
-                processor(
-                    text=texts, images=images, padding=True, padding_side="left", return_tensors="pt",
-                    add_special_tokens=not all(t.startswith(bos) for t in texts),
-                )
-            )  # fmt: skip
+            model_kwargs = dict(processor(text=texts, images=images, **_tokenizing(processor, texts)))
         model_kwargs |= model_keywords(self.model, kwargs)
         return Prepared(to_model(model_kwargs, self.model), partial(self._layout, model_kwargs))
+
+    def _ready_pixels(self, pixels: Tensor, text: Any, prompt: Any) -> dict[str, Any]:
+        """Processor-style inputs for ready ``pixel_values`` ``[n, 3, H, W]``: one prompt per image, each image's
+        placeholder expanded into its soft tokens as ``Gemma3Processor`` does (``full_image_sequence``)."""
+        processor = self.require_processor()
+        n = pixels.shape[0]
+        given = text if text is not None else prompt
+        given = [given] * n if given is None or isinstance(given, str) else list(given)
+        if len(given) != n:
+            raise ValueError(f"{len(given)} prompts for {n} images of pixel_values; pass one prompt per image")
+        if text is None:
+            given = [
+                processor.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, *([{"type": "text", "text": p}] if p else [])]}],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+                for p in given
+            ]
+        if any(t.count(processor.boi_token) != 1 for t in given):
+            raise ValueError(f"each text needs one {processor.boi_token} placeholder for its row of pixel_values")
+        expanded = [t.replace(processor.boi_token, processor.full_image_sequence) for t in given]
+        tokens = dict(processor.tokenizer(expanded, **_tokenizing(processor, expanded)))
+        tokens["token_type_ids"] = (tokens["input_ids"] == self.config.image_token_id).long()
+        return tokens | {"pixel_values": pixels}
 
     def _layout(self, model_kwargs: dict[str, Any]) -> Gemma3Layout:
         config = self.config

@@ -423,8 +423,13 @@ def test_input_forms(model, hf, tiny):
     text_only = model.prepare_inputs(prompt="Hello")
     assert (text_only.layout["lm"].kind == Kind.TEXT).all() and "vision" not in text_only.layout.towers
     assert torch.equal(model(text_only), reference_logits(hf, text_only))
-    with pytest.raises(TypeError, match="image tokens besides pixel_values"):
-        model.prepare_inputs(torch.zeros(1, 3, 32, 32), prompt=PROMPT)
+    # ready pixel values: one prompt per image, the same inputs as the processor makes from the images
+    pixels = model.prepare_inputs([picture, sample_image(40, 20)], prompt=[PROMPT, "Hi"])
+    again = model.prepare_inputs(pixels.kwargs["pixel_values"], prompt=[PROMPT, "Hi"])
+    assert pixels.kwargs.keys() == again.kwargs.keys()
+    assert all(torch.equal(pixels.kwargs[k], again.kwargs[k]) for k in pixels.kwargs)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        model.prepare_inputs(pixels.kwargs["pixel_values"], prompt=["a", "b", "c"])
     broken = dict(ready, input_ids=ready["input_ids"].clone())
     broken["input_ids"][0, (broken["input_ids"][0] == hf.config.image_token_id).nonzero()[0, 0]] = 0
     with pytest.raises(ValueError, match="placeholders do not match"):
