@@ -55,7 +55,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from hooked_vlm.adapters.llava_onevision import SIGLIP_BLOCK, KeywordInputTap
+from hooked_vlm.adapters.llava_onevision import BLOCK_LISTS, LM, PROJECTOR, VISION, KeywordInputTap, siglip_tower_hooks
 from jaxtyping import Int
 from torch import Tensor
 from transformers import Gemma3ForConditionalGeneration
@@ -64,10 +64,6 @@ from hooked_vlm.adapter import BlockPaths, HFAdapter, Prepared, TowerInfo, block
 from hooked_vlm.inputs import chat_prompts, check_type, is_processor_output, model_keywords, pixel_tensor, to_model
 from hooked_vlm.layout import InputLayout, Kind, grid_tower, text_tower
 from hooked_vlm.taps import InputTap, OutputTap, ResidualSumTap, Tap, View
-
-VISION = "model.vision_tower"
-PROJECTOR = "model.multi_modal_projector"
-LM = "model.language_model"
 
 GEMMA3_BLOCK = BlockPaths(
     ln1="input_layernorm",
@@ -219,16 +215,13 @@ class Gemma3Adapter(HFAdapter):
         return dict(TOWER_OF_PREFIX)
 
     def block_list(self, tower: str) -> str:
-        paths = {"vision": f"{VISION}.encoder.layers", "lm": f"{LM}.layers"}
-        if tower not in paths:
+        if tower not in BLOCK_LISTS:
             raise self.no_block_list(tower)
-        return paths[tower]
+        return BLOCK_LISTS[tower]
 
     def hook_map(self) -> dict[str, Tap]:
         vision, lm = self.towers()
-        hooks: dict[str, Tap] = {"vision.hook_embed": OutputTap(f"{VISION}.embeddings")}
-        for i in range(vision.n_layers):
-            hooks |= block_hooks(f"vision.blocks.{i}", f"{VISION}.encoder.layers.{i}", SIGLIP_BLOCK, vision.d_head)
+        hooks = siglip_tower_hooks(vision)  # the same SigLIP tower, at the same path, as LLaVA-OneVision's
         hooks["vision.hook_out"] = OutputTap(f"{VISION}.post_layernorm")
         hooks["projector.hook_in"] = InputTap(PROJECTOR)
         hooks["projector.hook_pooled"] = OutputTap(f"{PROJECTOR}.avg_pool", view=PooledGrid())

@@ -61,6 +61,18 @@ QWEN2_BLOCK = BlockPaths(
 VISION = "model.vision_tower"
 PROJECTOR = "model.multi_modal_projector"
 LM = "model.language_model"
+#: the block lists of a composite VLM built as ``model.vision_tower`` (SigLIP) + ``model.language_model``
+BLOCK_LISTS = {"vision": f"{VISION}.encoder.layers", "lm": f"{LM}.layers"}
+
+
+def siglip_tower_hooks(vision: TowerInfo) -> dict[str, Tap]:
+    """``vision.hook_embed`` and every SigLIP block of ``model.vision_tower`` (LLaVA-OneVision, Gemma 3)."""
+    hooks: dict[str, Tap] = {"vision.hook_embed": OutputTap(f"{VISION}.embeddings")}
+    for i in range(vision.n_layers):
+        hooks |= block_hooks(f"vision.blocks.{i}", f"{BLOCK_LISTS['vision']}.{i}", SIGLIP_BLOCK, vision.d_head)
+    return hooks
+
+
 #: the projector runs per tile, like the vision tower; its packed output is a sequence of its own
 TOWER_OF_PREFIX = {"projector": "vision", "projector.hook_packed": "packed"}
 
@@ -268,16 +280,13 @@ class LlavaOnevisionAdapter(HFAdapter):
         return dict(TOWER_OF_PREFIX)
 
     def block_list(self, tower: str) -> str:
-        paths = {"vision": f"{VISION}.encoder.layers", "lm": f"{LM}.layers"}
-        if tower not in paths:
+        if tower not in BLOCK_LISTS:
             raise self.no_block_list(tower)
-        return paths[tower]
+        return BLOCK_LISTS[tower]
 
     def hook_map(self) -> dict[str, Tap]:
         vision, lm = self.towers()
-        hooks: dict[str, Tap] = {"vision.hook_embed": OutputTap(f"{VISION}.embeddings")}
-        for i in range(vision.n_layers):
-            hooks |= block_hooks(f"vision.blocks.{i}", f"{VISION}.encoder.layers.{i}", SIGLIP_BLOCK, vision.d_head)
+        hooks = siglip_tower_hooks(vision)
         hooks["vision.hook_out"] = self._feature_tap(vision.n_layers)
         hooks["projector.hook_in"] = InputTap(PROJECTOR)
         hooks["projector.hook_pre"] = OutputTap(f"{PROJECTOR}.linear_1")
