@@ -6,6 +6,7 @@ Installed as ``hooked_vlm.adapters`` (see pyproject.toml), so nothing named ``ad
 from hooked_vlm.adapters import (  # noqa: F401
     clip,
     dinov2,
+    gemma3,
     llava,
     llava_onevision,
     open_clip,

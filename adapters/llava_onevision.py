@@ -64,6 +64,24 @@ PROJECTOR = "model.multi_modal_projector"
 LM = "model.language_model"
 #: forward keywords that choose which vision features reach the projector
 FEATURE_KEYWORDS = ("vision_feature_layer", "vision_feature_select_strategy")
+
+#: the block lists of a composite VLM built as ``model.vision_tower`` + ``model.language_model``
+BLOCK_LISTS = {"vision": f"{VISION}.encoder.layers", "lm": f"{LM}.layers"}
+
+
+def vision_block_hooks(vision: TowerInfo, block: BlockPaths = SIGLIP_BLOCK) -> dict[str, Tap]:
+    """Every block of ``model.vision_tower`` (SigLIP in LLaVA-OneVision and Gemma 3, CLIP in LLaVA-1.5 / NeXT)."""
+    hooks: dict[str, Tap] = {}
+    for i in range(vision.n_layers):
+        hooks |= block_hooks(f"vision.blocks.{i}", f"{BLOCK_LISTS['vision']}.{i}", block, vision.d_head)
+    return hooks
+
+
+def siglip_tower_hooks(vision: TowerInfo) -> dict[str, Tap]:
+    """``vision.hook_embed`` and every SigLIP block of ``model.vision_tower`` (LLaVA-OneVision, Gemma 3)."""
+    return {"vision.hook_embed": OutputTap(f"{VISION}.embeddings")} | vision_block_hooks(vision)
+
+
 #: the projector runs per tile, like the vision tower; its packed output is a sequence of its own
 TOWER_OF_PREFIX = {"projector": "vision", "projector.hook_packed": "packed"}
 
@@ -286,16 +304,13 @@ class LlavaOnevisionAdapter(HFAdapter):
         return dict(TOWER_OF_PREFIX)
 
     def block_list(self, tower: str) -> str:
-        paths = {"vision": f"{VISION}.encoder.layers", "lm": f"{LM}.layers"}
-        if tower not in paths:
+        if tower not in BLOCK_LISTS:
             raise self.no_block_list(tower)
-        return paths[tower]
+        return BLOCK_LISTS[tower]
 
     def hook_map(self) -> dict[str, Tap]:
         vision, lm = self.towers()
-        hooks = self._embedding_hooks()
-        for i in range(vision.n_layers):
-            hooks |= block_hooks(f"vision.blocks.{i}", f"{VISION}.encoder.layers.{i}", self.vision_block, vision.d_head)
+        hooks = self._embedding_hooks() | vision_block_hooks(vision, self.vision_block)
         hooks["vision.hook_out"] = self._feature_tap(vision.n_layers)
         hooks["projector.hook_in"] = InputTap(PROJECTOR)
         hooks["projector.hook_pre"] = OutputTap(f"{PROJECTOR}.linear_1")

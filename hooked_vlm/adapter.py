@@ -96,6 +96,22 @@ class TowerInfo:
     n_kv_heads: int | None = None
     d_mlp: int | None = None
 
+    @classmethod
+    def from_hf_config(cls, name: str, config: Any) -> TowerInfo:
+        """A tower's facts from the standard fields of a Hugging Face (sub-)config: ``num_hidden_layers``,
+        ``hidden_size``, ``num_attention_heads``, ``head_dim`` (else ``hidden_size // heads``), ``num_key_value_heads``
+        and ``intermediate_size`` where the config has them."""
+        heads = config.num_attention_heads
+        return cls(
+            name=name,
+            n_layers=config.num_hidden_layers,
+            d_model=config.hidden_size,
+            n_heads=heads,
+            d_head=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None),
+            d_mlp=getattr(config, "intermediate_size", None),
+        )
+
 
 class Adapter(abc.ABC):
     """The contract of a model family (``hooked_vlm.adapters``): an adapter wraps one model and its processor.

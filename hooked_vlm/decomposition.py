@@ -61,7 +61,13 @@ class Norm:
 
     @property
     def weight(self) -> Tensor | None:
-        return getattr(self.module, "weight", None)
+        """The per-channel gain the norm multiplies by. An RMSNorm's is read off the module applied to a vector of
+        RMS 1, since variants store it differently (Gemma's RMSNorm multiplies by ``1 + weight``)."""
+        weight = getattr(self.module, "weight", None)
+        if weight is None or self.kind == "LN":
+            return weight
+        with torch.no_grad():
+            return self.module(torch.ones_like(weight)) * (1 + self.eps) ** 0.5
 
     @property
     def bias(self) -> Tensor | None:
@@ -105,6 +111,12 @@ class Tower:
     def out_proj(self, layer: int) -> tuple[Float[Tensor, "d_model hd"], Float[Tensor, " d_model"] | None]:
         """``(weight, bias)`` of block ``layer``'s attention output into the residual stream (``W_O`` flattened,
         ``b_O``), with the block's layer scale (if any) folded in, so each head's part is what the block adds."""
+        if self.hook(layer, "ln1_post.hook_in") in self.model.hook_dict:
+            raise NotImplementedError(
+                f"block {layer} of the {self.name} tower norms the attention output again (ln1_post) before it joins "
+                "the residual stream, so the heads' z · W_O do not add up to hook_attn_out: per-head decompositions "
+                "and attributions are not offered for this tower (decompose_resid, per layer, is exact)"
+            )
         name = self.hook(layer, "attn.hook_result")
         if name not in self.model.hook_dict:
             raise KeyError(f"{name!r}: this tower has no per-head result hook, so no output projection is known")
@@ -123,6 +135,7 @@ class Tower:
 
     def head_results(self, cache: ActivationCache, layer: int) -> Float[Tensor, "batch pos head d_model"]:
         """``attn.hook_result`` of ``layer`` from the cache, or computed from a cached ``attn.hook_z``."""
+        weight, _ = self.out_proj(layer)  # refuses where the heads do not add up to hook_attn_out
         name = self.hook(layer, "attn.hook_result")
         if name in cache.cache_dict:
             result, scale = cache.cache_dict[name], self.layer_scale(layer)
@@ -130,7 +143,6 @@ class Tower:
         z_name = self.hook(layer, "attn.hook_z")
         if z_name not in cache.cache_dict:
             raise KeyError(f"neither {name!r} nor {z_name!r} is cached: cache '{self.name}.blocks.*.attn.hook_result'")
-        weight, _ = self.out_proj(layer)
         z = cache.cache_dict[z_name]
         return per_head_results(z, weight.to(z.device))
 

@@ -10,6 +10,7 @@ several devices with accelerate.
 from hooked_vlm.testing.clip import clip_processor, clip_tokenizer, tiny_clip, tiny_open_clip
 from hooked_vlm.testing.devices import alternating_device_map, dispatch
 from hooked_vlm.testing.dinov2 import tiny_dinov2, tiny_dinov2_with_registers
+from hooked_vlm.testing.gemma3 import tiny_gemma3
 from hooked_vlm.testing.images import half_and_half_image, sample_image
 from hooked_vlm.testing.inputs import real_size_inputs
 from hooked_vlm.testing.llava import tiny_llava, tiny_llava_next
@@ -35,6 +36,7 @@ TINY_MODELS = {
     "siglip2": tiny_siglip2,
     "dinov2": tiny_dinov2,
     "dinov2_with_registers": tiny_dinov2_with_registers,
+    "gemma3": tiny_gemma3,
 }
 
 __all__ = [
@@ -55,6 +57,7 @@ __all__ = [
     "tiny_llava_next",
     "tiny_dinov2",
     "tiny_dinov2_with_registers",
+    "tiny_gemma3",
     "tiny_llava_onevision",
     "tiny_open_clip",
     "tiny_qwen2_5_vl",

@@ -19,7 +19,8 @@ def real_size_inputs(model: Any, *, seed: int = 0, image_seed: int | None = None
     """One prompt: ``text_tokens`` random tokens with one image's tokens after the fifth, and random pixels.
 
     ``model`` is a :class:`~hooked_vlm.HookedVLM` of LLaVA-OneVision (one 384×384 image: 2 tiles, 1485 image
-    tokens at real size) or Qwen2-VL (one 224×224 image: a 16×16 patch grid, 64 image tokens). ``seed`` draws
+    tokens at real size), Qwen2-VL (one 224×224 image: a 16×16 patch grid, 64 image tokens) or Gemma 3 (one
+    896×896 image: 64×64 patches pooled to 256 soft tokens between ``<start_of_image>`` and ``<end_of_image>``). ``seed`` draws
     the text and ``image_seed`` (default: ``seed``) the pixels; all inputs have the same token layout, so two
     image seeds give clean and corrupted inputs for patching.
     """
@@ -55,8 +56,20 @@ def real_size_inputs(model: Any, *, seed: int = 0, image_seed: int | None = None
             "pixel_values": torch.randn(n_patches, patch, generator=generator),
             "image_grid_thw": torch.tensor([grid]),
         }
+    if family == "gemma3":
+        side = config.vision_config.image_size
+        start = torch.full((1, 1), config.boi_token_id)
+        image = torch.full((1, config.mm_tokens_per_image), config.image_token_id)
+        end = torch.full((1, 1), config.eoi_token_id)
+        input_ids = torch.cat([text[:, :5], start, image, end, text[:, 5:]], dim=1)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "token_type_ids": (input_ids == config.image_token_id).long(),
+            "pixel_values": torch.randn(1, 3, side, side, generator=generator),
+        }
     raise ValueError(
-        f"real_size_inputs builds LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and Qwen3-VL inputs, not {family!r}"
+        f"real_size_inputs builds LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Gemma 3 inputs, not {family!r}"
     )
 
 
