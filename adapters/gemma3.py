@@ -71,7 +71,8 @@ from hooked_vlm.inputs import (
     to_model,
 )
 from hooked_vlm.layout import InputLayout, Kind, grid_tower, text_tower
-from hooked_vlm.taps import InputTap, OutputTap, ResidualSumTap, Tap, View
+from hooked_vlm.taps import InputTap, OutputTap, ResidualSumTap, Tap, View, submodule
+from hooked_vlm.widths import output_width
 
 GEMMA3_BLOCK = BlockPaths(
     ln1="input_layernorm",
@@ -226,6 +227,15 @@ class Gemma3Adapter(HFAdapter):
         if tower not in BLOCK_LISTS:
             raise self.no_block_list(tower)
         return BLOCK_LISTS[tower]
+
+    def hook_widths(self) -> dict[str, int | None]:
+        # lm.hook_embed is a keyword tap on the LM (inputs_embeds): its width is the token embeddings'; the projector
+        # projects with a bare parameter [d_vision, d_lm] after its norm, so its own last child states d_vision
+        projection = submodule(self.model, PROJECTOR).mm_input_projection_weight
+        return super().hook_widths() | {
+            "projector.hook_out": projection.shape[1],
+            "lm.hook_embed": output_width(submodule(self.model, f"{LM}.embed_tokens")),
+        }
 
     def hook_map(self) -> dict[str, Tap]:
         vision, lm = self.towers()
