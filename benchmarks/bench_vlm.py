@@ -46,6 +46,7 @@ CONFIGS = {
     "llava": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
     "qwen": "Qwen/Qwen2-VL-2B-Instruct",
     "qwen2_5": "Qwen/Qwen2.5-VL-3B-Instruct",  # same inputs as Qwen2-VL (one 448×448 image per prompt)
+    "gemma3": "google/gemma-3-4b-it",  # one 896×896 image per prompt: 256 soft tokens
 }
 
 
@@ -99,6 +100,25 @@ def qwen_inputs(raw, batch: int, device: str = "cuda", dtype: torch.dtype = torc
     }
 
 
+def gemma3_inputs(raw, batch: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> dict:
+    config = raw.config
+    text = torch.randint(100, 200000, (batch, 20), device=device)
+    start = torch.full((batch, 1), config.boi_token_id, device=device)
+    image = torch.full((batch, config.mm_tokens_per_image), config.image_token_id, device=device)
+    end = torch.full((batch, 1), config.eoi_token_id, device=device)
+    input_ids = torch.cat([text[:, :5], start, image, end, text[:, 5:]], dim=1)
+    side = config.vision_config.image_size
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "token_type_ids": (input_ids == config.image_token_id).long(),  # the bidirectional image spans
+        "pixel_values": torch.randn(batch, 3, side, side, device=device, dtype=dtype),
+    }
+
+
+INPUTS = {"llava": llava_inputs, "qwen": qwen_inputs, "qwen2_5": qwen_inputs, "gemma3": gemma3_inputs}
+
+
 def vision_only(raw, name: str, inputs: dict):
     if name == "llava":
         return lambda: raw.model.get_image_features(
@@ -106,6 +126,8 @@ def vision_only(raw, name: str, inputs: dict):
             vision_feature_layer=raw.config.vision_feature_layer,
             vision_feature_select_strategy=raw.config.vision_feature_select_strategy,
         )
+    if name == "gemma3":
+        return lambda: raw.model.get_image_features(pixel_values=inputs["pixel_values"])
     return lambda: raw.model.get_image_features(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
 
 
@@ -133,7 +155,7 @@ def rows_for(name: str, batch: int, rounds: int, peers: list[str], device: str =
     # weights, made before anything else touches ``raw``
     bridge_copy = copy.deepcopy(raw) if "bridge" in peers else None
     model = HookedVLM.from_hf(raw)
-    inputs = (llava_inputs if name == "llava" else qwen_inputs)(raw, batch, device, dtype)
+    inputs = INPUTS[name](raw, batch, device, dtype)
     lm_layers = raw.config.text_config.num_hidden_layers
     mid = lm_layers // 2
     resid = f"lm.blocks.{mid}.hook_resid_post"
