@@ -524,10 +524,13 @@ def _harvest(
         pending_bytes = 0
         writing: deque[tuple[Future, int]] = deque()
 
-        def list_written(keep: int) -> None:
-            """List finished shards in order, waiting until at most ``keep`` are in writing."""
+        def list_written(keep: int, interrupted: bool = False) -> None:
+            """List finished shards in order, waiting until at most ``keep`` are in writing (``interrupted``: up to
+            the first that failed, whose error is not raised over the one that interrupted the harvest)."""
             while writing and (len(writing) > keep or writing[0][0].done()):
                 future, stop = writing.popleft()
+                if interrupted and future.exception() is not None:
+                    return
                 manifest["shards"].append(future.result())
                 manifest["n_images_done"] = stop
                 _write_json(path / MANIFEST, manifest)
@@ -541,18 +544,23 @@ def _harvest(
             pending, pending_bytes = [], 0
 
         # rows are selected on the model's device, and only they are copied to the CPU, not whole activations
-        for batch in harvest(model, source, names, positions=positions, prompt=prompt, batch_size=batch_size,
-                             start=manifest["n_images_done"], stop=settings["image_range"][1], dtype=dtype,
-                             compiled=compiled, progress=progress, prefetch=prefetch, workers=workers,
-                             preprocess=preprocess):
-            _start_copy_to_host(batch)
-            pending.append(batch)
-            pending_bytes += sum(a.numel() * a.element_size() for a in batch.acts.values())
-            if pending_bytes >= shard_mb * 2**20:
+        try:
+            for batch in harvest(model, source, names, positions=positions, prompt=prompt, batch_size=batch_size,
+                                 start=manifest["n_images_done"], stop=settings["image_range"][1], dtype=dtype,
+                                 compiled=compiled, progress=progress, prefetch=prefetch, workers=workers,
+                                 preprocess=preprocess):
+                _start_copy_to_host(batch)
+                pending.append(batch)
+                pending_bytes += sum(a.numel() * a.element_size() for a in batch.acts.values())
+                if pending_bytes >= shard_mb * 2**20:
+                    flush()
+                list_written(WRITERS)
+            if pending:
                 flush()
-            list_written(WRITERS)
-        if pending:
-            flush()
+        except BaseException:
+            # shards already handed to the writers are whole: they finish and are listed, so a resume keeps them
+            list_written(0, interrupted=True)
+            raise
         list_written(0)
     return ActivationStore(path)
 
