@@ -1,5 +1,7 @@
 """Independent references shared by the tests: PyTorch hooks placed straight on the wrapped model's modules."""
 
+import copy
+
 import torch
 
 
@@ -73,3 +75,16 @@ def expected_block_hooks(store, hidden, attentions, i, heads):
         "hook_mlp_out": store[f"{i}.mlp_out"],
         "hook_resid_post": hidden[i + 1],
     }
+
+
+def eager_copy(model):
+    """A copy of a Hugging Face model on eager attention: the reference for attention patterns."""
+    copied = copy.deepcopy(model)
+    copied.set_attn_implementation("eager")
+    return copied
+
+
+def chat(processor, n_images: int, text: str) -> str:
+    """A one-turn chat prompt with ``n_images`` image placeholders, as the checkpoint's chat template writes it."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)

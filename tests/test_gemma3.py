@@ -8,11 +8,9 @@ own ``get_image_features`` and norms, PyTorch hooks placed straight on the HF mo
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from reference import direct_hooks
+from reference import direct_hooks, eager_copy
 from transformers import Gemma3ForConditionalGeneration
 from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
@@ -41,9 +39,7 @@ def hf(tiny):
 
 @pytest.fixture(scope="module")
 def eager(hf):
-    copied = copy.deepcopy(hf)
-    copied.set_attn_implementation("eager")
-    return copied
+    return eager_copy(hf)
 
 
 @pytest.fixture(scope="module")

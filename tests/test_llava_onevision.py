@@ -7,10 +7,9 @@ processor's token arithmetic, edits done by hand with PyTorch hooks on the HF mo
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from reference import eager_copy
 from transformers import LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
@@ -44,9 +43,7 @@ def hf(tiny):
 
 @pytest.fixture(scope="module")
 def eager(hf):
-    copied = copy.deepcopy(hf)
-    copied.set_attn_implementation("eager")
-    return copied
+    return eager_copy(hf)
 
 
 def image(size, seed=0):

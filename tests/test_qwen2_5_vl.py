@@ -2,12 +2,11 @@
 attention weights of every vision window and image, get_image_features), PyTorch hooks placed straight on the HF
 modules, and hand-made edits."""
 
-import copy
 from itertools import pairwise
 
 import pytest
 import torch
-from reference import direct_hooks
+from reference import chat, direct_hooks, eager_copy
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
@@ -35,14 +34,7 @@ def qwen():
 @pytest.fixture(scope="module")
 def eager(qwen):
     _, raw, _ = qwen
-    model = copy.deepcopy(raw)
-    model.set_attn_implementation("eager")
-    return model
-
-
-def chat(processor, n_images: int, text: str) -> str:
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return eager_copy(raw)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,12 @@
 """Qwen2-VL through HookedVLM, checked against HF's own outputs, PyTorch hooks placed straight on the HF modules,
 an eager recomputation of vision attention from the modules' own q/k and rotary, and hand-made edits."""
 
-import copy
 from itertools import pairwise
 
 import pytest
 import torch
 from PIL import Image
-from reference import direct_hooks
+from reference import chat, direct_hooks, eager_copy
 from transformers import Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
@@ -31,14 +30,7 @@ def qwen():
 @pytest.fixture(scope="module")
 def eager(qwen):
     _, raw, _ = qwen
-    model = copy.deepcopy(raw)
-    model.set_attn_implementation("eager")
-    return model
-
-
-def chat(processor, n_images: int, text: str) -> str:
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return eager_copy(raw)
 
 
 @pytest.fixture(scope="module")

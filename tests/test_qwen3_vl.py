@@ -2,13 +2,12 @@
 attention weights of every image, the features HF injects with DeepStack), PyTorch hooks placed straight on the HF
 modules, interleaved M-RoPE and QK norm computed by hand, and hand-made edits."""
 
-import copy
 from itertools import pairwise
 
 import pytest
 import torch
 from hooked_vlm.adapters.qwen2_vl import window_order
-from reference import direct_hooks
+from reference import chat, direct_hooks, eager_copy
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 
@@ -36,14 +35,7 @@ def qwen():
 @pytest.fixture(scope="module")
 def eager(qwen):
     _, raw, _ = qwen
-    model = copy.deepcopy(raw)
-    model.set_attn_implementation("eager")
-    return model
-
-
-def chat(processor, n_images: int, text: str) -> str:
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return eager_copy(raw)
 
 
 @pytest.fixture(scope="module")
