@@ -334,13 +334,7 @@ class Gemma3Adapter(HFAdapter):
         layout.towers["pooled"] = grid_tower(n_images, pooled, pooled, n_prefix=0)
         return layout
 
-    # ---- running ----------------------------------------------------------------------------------------------------
-    def forward(self, prepared: Prepared) -> Tensor:
-        return self.model(**prepared.kwargs, use_cache=False).logits
-
-    def generate(self, prepared: Prepared, **generate_kwargs) -> Tensor:
-        return self.model.generate(**prepared.kwargs, **generate_kwargs)
-
+    # ---- facts for the Phase 0 report -----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         config = self.config
         vision, lm = self.towers()

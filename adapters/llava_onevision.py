@@ -489,13 +489,7 @@ class LlavaOnevisionAdapter(HFAdapter):
         """The layouts of the sequences an input's images run as, besides the LM's."""
         return {"vision": _vision_tower(images), "packed": _packed_tower(lm, image_tokens)}
 
-    # ---- running ----------------------------------------------------------------------------------------------------
-    def forward(self, prepared: Prepared) -> Tensor:
-        return self.model(**prepared.kwargs, use_cache=False).logits
-
-    def generate(self, prepared: Prepared, **generate_kwargs) -> Tensor:
-        return self.model.generate(**prepared.kwargs, **generate_kwargs)
-
+    # ---- facts for the Phase 0 report -----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         config = self.config
         vision, lm = self.towers()

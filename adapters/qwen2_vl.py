@@ -389,18 +389,11 @@ class Qwen2VLAdapter(HFAdapter):
             spatial_merge_size=merge,
         )
 
-    # ---- running ----------------------------------------------------------------------------------------------------
-    # The model keeps the M-RoPE offsets of its last input (``model.model.rope_deltas``) but reads them only
-    # when it cannot recompute them: decoding steps on a passed cache, or inputs_embeds without input_ids.
-    # Both calls below start without a cache and with input_ids, so they recompute, and no run depends on the
-    # one before; resetting the offsets here would break continuing a generation from a passed cache.
-    def forward(self, prepared: Prepared) -> Tensor:
-        """Logits ``[batch, seq, vocab]``."""
-        return self.model(**{"use_cache": False, **prepared.kwargs}).logits
-
-    def generate(self, prepared: Prepared, **generate_kwargs) -> Tensor:
-        return self.model.generate(**prepared.kwargs, **generate_kwargs)
-
+    # ---- facts for the Phase 0 report -----------------------------------------------------------------------------
+    # (Running is HFAdapter's forward / generate. The model keeps the M-RoPE offsets of its last input
+    # (``model.model.rope_deltas``) but reads them only when it cannot recompute them: decoding steps on a passed
+    # cache, or inputs_embeds without input_ids. Both calls start without a cache and with input_ids, so they
+    # recompute, and no run depends on the one before; resetting the offsets would break continuing a generation.)
     def describe(self) -> dict[str, Any]:
         vision, text = self.model.config.vision_config, self.model.config.text_config
         patch, merge = vision.patch_size, vision.spatial_merge_size

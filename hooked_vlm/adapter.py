@@ -367,6 +367,15 @@ class HFAdapter(Adapter):
             model = model.to(device)
         return model.eval(), AutoProcessor.from_pretrained(name, **hub, **processor_kwargs)
 
+    def forward(self, prepared: Prepared) -> Any:
+        """Logits ``[batch, seq, vocab]`` of a model with a language model (families without one override this)."""
+        return self.model(**{"use_cache": False, **prepared.kwargs}).logits
+
+    def generate(self, prepared: Prepared, **generate_kwargs) -> torch.Tensor:
+        if not self.has_language_model:
+            return super().generate(prepared, **generate_kwargs)
+        return self.model.generate(**prepared.kwargs, **generate_kwargs)
+
     @classmethod
     def _model_class(cls, model_class: str | type | None) -> type:
         if model_class is None:
