@@ -17,12 +17,23 @@ PATTERN_HOOKS = ("hook_attn_scores", "hook_pattern")  # [batch, head, query, key
 QUERY_HEAD_HOOKS = ("hook_q", "hook_z", "hook_result", "hook_rot_q", *PATTERN_HOOKS)  # head axis counts query heads (GQA)
 
 
+#: per-head hooks named after the norm that makes them (QK norm: Qwen3-VL, Gemma 3), and the hook they are a kind of
+NORMED_HEAD_HOOKS = {"q_norm.hook_normalized": "hook_q", "k_norm.hook_normalized": "hook_k"}
+
+
+def leaf(name: str) -> str:
+    """What a hook's tensor is, by the end of its name: ``hook_resid_post``, ``hook_q``, ... (a per-head QK-norm
+    output counts as the queries or keys it norms, ``[batch, pos, head, d_head]`` like them)."""
+    parts = name.rsplit(".", 2)
+    return NORMED_HEAD_HOOKS.get(".".join(parts[-2:]), parts[-1])
+
+
 def axes(name: str) -> tuple[int, int | None]:
     """``(position axis, head axis or None)`` of a canonical hook's tensor; patterns index query positions."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf in PATTERN_HOOKS:
+    kind = leaf(name)
+    if kind in PATTERN_HOOKS:
         return 2, 1
-    if leaf in HEAD_HOOKS:
+    if kind in HEAD_HOOKS:
         return 1, 2
     return 1, None
 
@@ -74,7 +85,7 @@ class Slicer:
 
     def __call__(self, name: str, tensor: Tensor) -> Tensor:
         position_axis, head_axis = axes(name)
-        if self.heads is not None and head_axis is not None and name.rsplit(".", 1)[-1] in QUERY_HEAD_HOOKS:
+        if self.heads is not None and head_axis is not None and leaf(name) in QUERY_HEAD_HOOKS:
             tensor = tensor.index_select(head_axis, torch.as_tensor(self.heads, device=tensor.device))
         if self.positions is None or tensor.dim() <= position_axis:
             return tensor

@@ -19,7 +19,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from hooked_vlm.adapter import Adapter, Prepared
-from hooked_vlm.cache import QUERY_HEAD_HOOKS, ActivationCache, HostCopies, Slicer, stash
+from hooked_vlm.cache import QUERY_HEAD_HOOKS, ActivationCache, HostCopies, Slicer, leaf, stash
 from hooked_vlm.head_results import with_head_results
 from hooked_vlm.layout import Selector
 from hooked_vlm.names import block_parts
@@ -317,7 +317,7 @@ class HookedVLM(SAEHooksMixin, HookedRootModule):
             n_heads = {tower.name: tower.n_heads for tower in self.adapter.towers()}
             for hp in hook_points:
                 parts = block_parts(hp.name)
-                if parts is None or parts[2].rsplit(".", 1)[-1] not in QUERY_HEAD_HOOKS or parts[0] not in n_heads:
+                if parts is None or leaf(parts[2]) not in QUERY_HEAD_HOOKS or parts[0] not in n_heads:
                     continue
                 n = n_heads[parts[0]]
                 bad = [h for h in heads if not 0 <= h < n]

@@ -34,7 +34,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from hooked_vlm.cache import HEAD_HOOKS, PATTERN_HOOKS
+from hooked_vlm.cache import HEAD_HOOKS, PATTERN_HOOKS, leaf
 from hooked_vlm.layout import Selector
 from hooked_vlm.names import canonical_hook_name
 from hooked_vlm.taps import BoundHookPoint
@@ -49,14 +49,10 @@ class SAEShapeError(ValueError):
     """An SAE whose ``d_in`` does not fit the activations of the hook it is spliced at."""
 
 
-def _leaf(hook_name: str) -> str:
-    return hook_name.rsplit(".", 1)[-1]
-
-
 def flattens_heads(sae: SAE, hook_name: str) -> bool:
     """Whether ``[.., head, d_head]`` activations at ``hook_name`` are flattened before ``sae`` reads them (sae_lens
     reshapes them itself only for hook_z SAEs, ``reshape_activations="hook_z"``)."""
-    return _leaf(hook_name) in HEAD_HOOKS and sae.cfg.reshape_activations != "hook_z"
+    return leaf(hook_name) in HEAD_HOOKS and sae.cfg.reshape_activations != "hook_z"
 
 
 def encode_at(sae: SAE, hook_name: str, x: Tensor) -> Float[Tensor, "... d_sae"]:
@@ -113,7 +109,7 @@ class SplicedSAE(nn.Module):
     def _replacement(self, x: Tensor) -> Tensor:
         """What goes on downstream in place of ``x`` (everywhere; positions are applied by ``forward``)."""
         sae = self.sae
-        width = x.shape[-2] * x.shape[-1] if _leaf(self.hook_name) in HEAD_HOOKS else x.shape[-1]
+        width = x.shape[-2] * x.shape[-1] if leaf(self.hook_name) in HEAD_HOOKS else x.shape[-1]
         if width != sae.cfg.d_in:
             raise SAEShapeError(
                 f"the SAE spliced at {self.hook_name!r} has d_in={sae.cfg.d_in}, but the activations there have shape "
@@ -259,7 +255,7 @@ class SAEHooksMixin:
         hook_point = self.hook_point(name)  # unknown names raise here, with the closest valid names
         if not isinstance(hook_point, BoundHookPoint):
             raise ValueError(f"{name!r} is a hook point of a spliced SAE; an SAE goes on a hook point of the model")
-        if _leaf(name) in PATTERN_HOOKS:
+        if leaf(name) in PATTERN_HOOKS:
             raise ValueError(
                 f"cannot splice an SAE at {name!r}: attention scores and patterns are not per-position vectors"
             )
@@ -288,7 +284,7 @@ class SAEHooksMixin:
         points = [self.hook_point(name), self.hook_point(name_out)]  # unknown names raise here
         for point, width, what in zip(points, (sae.cfg.d_in, getattr(sae.cfg, "d_out", None)), ("d_in", "d_out"),
                                       strict=True):
-            if not isinstance(point, BoundHookPoint) or _leaf(point.name) in PATTERN_HOOKS + HEAD_HOOKS:
+            if not isinstance(point, BoundHookPoint) or leaf(point.name) in PATTERN_HOOKS + HEAD_HOOKS:
                 raise ValueError(f"a transcoder reads and writes [.., d] vectors of the model, not {point.name!r}")
             expected = self.hook_width(point.name)
             if expected is not None and expected != width:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from hooked_vlm.cache import NORMED_HEAD_HOOKS
 from hooked_vlm.names import MLP_SUFFIXES, RESIDUAL_WIDTH_SUFFIXES, block_parts
 from hooked_vlm.taps import InputTap, OutputTap, Tap, module_exists
 
@@ -37,6 +38,7 @@ def block_hook_width(tower: TowerInfo, suffix: str) -> int | None:
     kv_heads = tower.n_kv_heads or tower.n_heads
     heads = {"attn.hook_q": tower.n_heads, "attn.hook_rot_q": tower.n_heads, "attn.hook_z": tower.n_heads}
     heads |= {"attn.hook_k": kv_heads, "attn.hook_rot_k": kv_heads, "attn.hook_v": kv_heads}
+    heads |= {f"attn.{norm}": heads[f"attn.{kind}"] for norm, kind in NORMED_HEAD_HOOKS.items()}
     if suffix in heads:
         return heads[suffix] * tower.d_head
     if suffix == "attn.hook_result":  # each head's write into the residual stream

@@ -17,7 +17,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
 from hooked_vlm import HookedVLM
-from hooked_vlm.cache import HEAD_HOOKS, PATTERN_HOOKS
+from hooked_vlm.cache import HEAD_HOOKS, PATTERN_HOOKS, leaf
 from hooked_vlm.report import default_text, meta_shapes, record_shapes
 from hooked_vlm.sae import SAEShapeError
 from hooked_vlm.testing import TINY_MODELS, config_names, sample_image
@@ -33,10 +33,10 @@ def sae_at(hook: str | None, d_in: int, seed: int = 0) -> StandardSAE:
 
 
 def seen_width(name: str, shape: torch.Size) -> int | None:
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf in PATTERN_HOOKS:
+    kind = leaf(name)  # QK-norm outputs are per-head queries and keys
+    if kind in PATTERN_HOOKS:
         return None
-    return shape[-2] * shape[-1] if leaf in HEAD_HOOKS else shape[-1]
+    return shape[-2] * shape[-1] if kind in HEAD_HOOKS else shape[-1]
 
 
 def mismatches(model: HookedVLM, cache) -> list[tuple[str, int | None, int | None]]:
@@ -174,3 +174,26 @@ def test_importing_hooked_vlm_and_wrapping_a_model_imports_no_sae_lens():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
         == "False"
     )
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3"])
+def test_qk_norm_outputs_are_per_head_queries_and_keys(models, family):
+    """``attn.q_norm/k_norm.hook_normalized`` are ``[batch, pos, head, d_head]`` like hook_q / hook_k: ``heads=``
+    slices the query heads, and an SAE there reads every head at once (heads flattened), as at hook_q."""
+    model = models[family]
+    lm = next(t for t in model.adapter.towers() if t.name == "lm")
+    q, k = "lm.blocks.0.attn.q_norm.hook_normalized", "lm.blocks.0.attn.k_norm.hook_normalized"
+    prepared = model.prepare_inputs(sample_image(), **default_text(model))
+    _, whole = model.run_with_cache(prepared, names_filter=[q, k])
+    _, one = model.run_with_cache(prepared, names_filter=[q, k], heads=[1])
+    assert torch.equal(one[q], whole[q][:, :, 1:2])
+    assert torch.equal(one[k], whole[k])  # key heads are kv heads: heads= counts query heads, as at hook_k
+    assert model.hook_width(q) == lm.n_heads * lm.d_head and model.hook_width(k) == (lm.n_kv_heads or lm.n_heads) * lm.d_head
+    with pytest.raises(SAEShapeError, match=f"d_in={lm.d_head}, but .* width {lm.n_heads * lm.d_head}"):
+        model.add_sae(sae_at(q, lm.d_head))
+    model.add_sae(sae_at(q, lm.n_heads * lm.d_head), use_error_term=True)
+    try:
+        _, spliced = model.run_with_cache(prepared, names_filter=q)
+        torch.testing.assert_close(spliced[q], whole[q], atol=1e-5, rtol=1e-5)  # the error term restores the value
+    finally:
+        model.reset_saes()
