@@ -544,23 +544,29 @@ def _harvest(
             pending, pending_bytes = [], 0
 
         # rows are selected on the model's device, and only they are copied to the CPU, not whole activations
-        try:
-            for batch in harvest(model, source, names, positions=positions, prompt=prompt, batch_size=batch_size,
-                                 start=manifest["n_images_done"], stop=settings["image_range"][1], dtype=dtype,
-                                 compiled=compiled, progress=progress, prefetch=prefetch, workers=workers,
-                                 preprocess=preprocess):
-                _start_copy_to_host(batch)
-                pending.append(batch)
-                pending_bytes += sum(a.numel() * a.element_size() for a in batch.acts.values())
-                if pending_bytes >= shard_mb * 2**20:
-                    flush()
-                list_written(WRITERS)
-            if pending:
+        batches = harvest(model, source, names, positions=positions, prompt=prompt, batch_size=batch_size,
+                          start=manifest["n_images_done"], stop=settings["image_range"][1], dtype=dtype,
+                          compiled=compiled, progress=progress, prefetch=prefetch, workers=workers,
+                          preprocess=preprocess)
+        while True:
+            try:
+                batch = next(batches, None)
+            except BaseException:
+                # the harvest failed (an image, the model, an interrupt): shards already handed to the writers are
+                # whole, so they finish and are listed, and a resume keeps them (a failed manifest write is not
+                # retried: it raises from list_written, as a crash there would leave the store)
+                list_written(0, interrupted=True)
+                raise
+            if batch is None:
+                break
+            _start_copy_to_host(batch)
+            pending.append(batch)
+            pending_bytes += sum(a.numel() * a.element_size() for a in batch.acts.values())
+            if pending_bytes >= shard_mb * 2**20:
                 flush()
-        except BaseException:
-            # shards already handed to the writers are whole: they finish and are listed, so a resume keeps them
-            list_written(0, interrupted=True)
-            raise
+            list_written(WRITERS)
+        if pending:
+            flush()
         list_written(0)
     return ActivationStore(path)
 
