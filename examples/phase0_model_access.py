@@ -17,12 +17,12 @@ from __future__ import annotations
 import sys
 
 import torch
-from PIL import Image
 
 from hooked_vlm import HookedVLM, Kind
 from hooked_vlm.cli import record_shapes
 from hooked_vlm.inputs import load_images
 from hooked_vlm.plotting import attention_map, flow_diagram, head_grid, patch_heatmap
+from hooked_vlm.sae.features import model_view
 from hooked_vlm.testing import sample_image
 
 from common import Checklist, load, parser
@@ -63,16 +63,6 @@ def library_hidden_states(model: HookedVLM, prepared) -> tuple[list[torch.Tensor
             return list(out.hidden_states[1:]), projection(out.pooler_output)
         # SigLIP's image embedding is the pooled output itself (no projection)
         return list(out.hidden_states[1:]), out.pooler_output if "hook_image_embeds" in model.hook_dict else None
-
-
-def model_view(model: HookedVLM, image: Image.Image) -> Image.Image:
-    """The part of the image the model sees: CLIP's preprocessors resize the short side and keep the centre square;
-    others (SigLIP) resize the whole image."""
-    if not model.adapter.centre_crops_images:
-        return image
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side))
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:

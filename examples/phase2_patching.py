@@ -26,12 +26,12 @@ from __future__ import annotations
 import sys
 
 import torch
-from PIL import Image
 
 from hooked_vlm.inputs import load_images
 from hooked_vlm.lens import logit_lens
 from hooked_vlm.patching import ablation, activation_patching, attention_knockout, attribution_patching
 from hooked_vlm.readouts import ClipSimilarity, LogitDiff, Probe
+from hooked_vlm.sae.features import model_view
 from hooked_vlm.testing import sample_image
 
 from common import Checklist, load, parser
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Activation patching, layers × positions; on the image.
     exact.plot(out / "patching_layers_positions.png", what="normalized")
-    view = clean if is_vlm else model_view(clean)
+    view = clean if is_vlm else model_view(model, clean)
     tile = 1 if model.adapter.family == "llava_onevision" else 0  # LLaVA-OneVision: the high-res grid
     image_positions = "image" if is_vlm else "patches"
     on_image = activation_patching(model, clean, corrupted, readout, family, positions=image_positions, **kwargs)
@@ -166,13 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     check(ablated.values.shape == (1, 4), f"mean ablation of image quadrants at {first}: {effects}")
     print(f"{args.model}: {check.passed}/{len(check.items)} checks passed")
     return check.exit_code
-
-
-def model_view(image: Image.Image) -> Image.Image:
-    """The centre square CLIP's preprocessing keeps (patch (r, c) then lands on the pixels it came from)."""
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side))
 
 
 if __name__ == "__main__":
